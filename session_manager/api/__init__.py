@@ -1,0 +1,1 @@
+"""The front door: routes, request/response models, the one error middleware."""

@@ -1,0 +1,115 @@
+"""`session-manager`: read the settings, set up logging, run the API until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from session_manager import __version__
+from session_manager.config import (
+    DEFAULT_CONFIG_FILE,
+    ENV_PREFIX,
+    LIVEKIT_ENV_ALIASES,
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+)
+from session_manager.livekit.server import LiveKitServerError
+from session_manager.logs import configure_logging
+
+log = logging.getLogger("session_manager")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="session-manager",
+        description="Session Manager: LiveKit sessions with AI microservices dispatched into them.",
+        epilog=(
+            "Precedence, lowest first: defaults < config file < environment < flags. "
+            f"Config file: --config, ${ENV_PREFIX}CONFIG, or {DEFAULT_CONFIG_FILE} if present."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    for name, field in Settings.model_fields.items():
+        envs = [env_name(name)]
+        if name in LIVEKIT_ENV_ALIASES:
+            envs.insert(0, LIVEKIT_ENV_ALIASES[name])
+        default = field.default if not hasattr(field.default, "get_secret_value") else None
+        help_text = f"{field.description} [env {' or '.join(envs)}; default {default}]"
+        # Flags stay strings here: pydantic validates every source the same way, once.
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar="VALUE",
+            help=help_text.replace("%", "%%"),
+        )
+    return parser
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        settings = load_settings(flags, config_file=args.config)
+    except SettingsError as exc:
+        print(f"session-manager: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+
+    from session_manager.api.app import create_app
+
+    try:
+        sock = _listen_socket(settings.host, settings.port)
+    except OSError as exc:
+        print(
+            f"session-manager: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    port = sock.getsockname()[1]
+    log.info(
+        "session manager starting",
+        extra={"version": __version__, "listen": f"http://{settings.host}:{port}"},
+    )
+    try:
+        web.run_app(
+            create_app(settings, api_port=port),
+            sock=sock,
+            shutdown_timeout=settings.shutdown_timeout,
+            print=None,
+            access_log=logging.getLogger("aiohttp.access"),
+            loop=_event_loop(),
+        )
+    except LiveKitServerError as exc:
+        print(f"session-manager: {exc}", file=sys.stderr)
+        return 1
+    return 0

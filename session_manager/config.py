@@ -1,0 +1,189 @@
+"""Every setting, its default and its environment name; validated once at start-up.
+
+Precedence, lowest first: built-in defaults < the TOML config file < environment < command-line
+flags. The config file is `--config PATH`, else `$SESSION_MANAGER_CONFIG`, else
+`config/session-manager.toml` when it exists in the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "SESSION_MANAGER_"
+DEFAULT_CONFIG_FILE = Path("config/session-manager.toml")
+
+# LiveKit's own tools read these names; we honour them so one environment serves both.
+LIVEKIT_ENV_ALIASES = {
+    "livekit_url": "LIVEKIT_URL",
+    "livekit_api_key": "LIVEKIT_API_KEY",
+    "livekit_api_secret": "LIVEKIT_API_SECRET",
+}
+
+LogLevel = Literal["ERROR", "WARN", "INFO", "DEBUG", "TRACE"]
+
+
+class Settings(BaseModel):
+    """The validated configuration of one Session Manager process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address the HTTP API listens on")
+    port: int = Field(8080, ge=0, le=65535, description="port the HTTP API listens on (0: any)")
+    log_level: LogLevel = Field("INFO", description="ERROR, WARN, INFO, DEBUG or TRACE")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+
+    store: Literal["sqlite", "memory"] = Field(
+        "sqlite", description="where sessions and registrations are kept"
+    )
+    data_dir: Path = Field(Path("var"), description="folder of the SQLite database")
+
+    livekit_url: str | None = Field(
+        None, description="external LiveKit server (ws/http URL); unset: run a managed one"
+    )
+    livekit_api_key: str | None = Field(None, description="API key of the external LiveKit")
+    livekit_api_secret: SecretStr | None = Field(
+        None, description="API secret of the external LiveKit"
+    )
+    livekit_public_url: str | None = Field(
+        None, description="LiveKit URL handed to clients and services (default: livekit_url)"
+    )
+    livekit_server_binary: str | None = Field(
+        None, description="managed livekit-server binary (default: .cache/bin or PATH)"
+    )
+    livekit_port: int = Field(7880, ge=1, le=65535, description="managed LiveKit HTTP port")
+    livekit_rtc_tcp_port: int = Field(7881, ge=1, le=65535, description="managed LiveKit TCP")
+    livekit_rtc_udp_port: int = Field(7882, ge=1, le=65535, description="managed LiveKit UDP")
+    livekit_webhook_url: str | None = Field(
+        None, description="URL LiveKit posts webhooks to (default: this API's own)"
+    )
+    livekit_timeout: float = Field(5.0, gt=0, description="seconds for one LiveKit API call")
+    livekit_start_timeout: float = Field(
+        30.0, gt=0, description="seconds to wait for the managed LiveKit to answer"
+    )
+
+    join_timeout: float = Field(
+        30.0, gt=0, description="seconds for required services to join before the session ends"
+    )
+    dispatch_timeout: float = Field(10.0, gt=0, description="seconds for one join-room call")
+    dispatch_attempts: int = Field(3, ge=1, le=20, description="join-room attempts per service")
+    dispatch_backoff: float = Field(
+        0.2, ge=0, description="seconds before the first join-room retry (doubles each time)"
+    )
+    room_empty_timeout: int = Field(
+        300, ge=1, description="seconds LiveKit keeps a room nobody joined"
+    )
+    client_token_ttl: float = Field(
+        6 * 3600.0, gt=0, description="client token lifetime without duration_limit (seconds)"
+    )
+    max_body_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+    shutdown_timeout: float = Field(10.0, gt=0, description="seconds for each shutdown stage")
+
+    @field_validator("livekit_url", "livekit_public_url", "livekit_webhook_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"ws", "wss", "http", "https"} or not parts.hostname:
+            raise ValueError("must be an absolute ws(s):// or http(s):// URL")
+        return value.rstrip("/")
+
+    @property
+    def uses_managed_livekit(self) -> bool:
+        return self.livekit_url is None
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+class SettingsError(Exception):
+    """An invalid setting; the message is one line that names it and where it came from."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    values: Mapping[str, Any]
+    describe: Mapping[str, str]
+
+
+def _file_source(path: Path | None) -> _Source:
+    explicit = path is not None
+    if path is None:
+        from_env = os.environ.get(ENV_PREFIX + "CONFIG")
+        path = Path(from_env) if from_env else DEFAULT_CONFIG_FILE
+        explicit = from_env is not None
+    if not path.exists():
+        if explicit:
+            raise SettingsError(f"invalid setting config: file {path} does not exist")
+        return _Source({}, {})
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"invalid setting config: cannot read {path}: {exc}") from None
+    return _Source(values, {key: f"config file {path}" for key in values})
+
+
+def _env_source(environ: Mapping[str, str]) -> _Source:
+    values: dict[str, Any] = {}
+    describe: dict[str, str] = {}
+    for field in Settings.model_fields:
+        names = [env_name(field)]
+        if field in LIVEKIT_ENV_ALIASES:
+            names.insert(0, LIVEKIT_ENV_ALIASES[field])
+        for name in names:
+            if name in environ and environ[name] != "":
+                values[field] = environ[name]
+                describe[field] = f"environment {name}"
+                break
+    return _Source(values, describe)
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults, file, environment and flags, and validate the result once."""
+    sources = [
+        _file_source(config_file),
+        _env_source(os.environ if environ is None else environ),
+        _Source(
+            {k: v for k, v in (flags or {}).items() if v is not None},
+            {k: f"flag --{k.replace('_', '-')}" for k in flags or {}},
+        ),
+    ]
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for source in sources:
+        merged.update(source.values)
+        origin.update(source.describe)
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "?"
+        where = origin.get(field, "default")
+        if first["type"] == "extra_forbidden":
+            raise SettingsError(f"unknown setting {field} (from {where})") from None
+        raise SettingsError(f"invalid setting {field} (from {where}): {first['msg']}") from None
+    _check_livekit_credentials(settings)
+    return settings
+
+
+def _check_livekit_credentials(settings: Settings) -> None:
+    if settings.livekit_url is None:
+        return
+    if not settings.livekit_api_key:
+        raise SettingsError("invalid setting livekit_api_key: required when livekit_url is set")
+    if settings.livekit_api_secret is None or not settings.livekit_api_secret.get_secret_value():
+        raise SettingsError("invalid setting livekit_api_secret: required when livekit_url is set")

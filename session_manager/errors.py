@@ -1,0 +1,64 @@
+"""Errors a caller of the manager can see. The API's one error middleware turns each into the
+envelope `{error, message, timestamp}` with its HTTP status; nothing here knows about HTTP."""
+
+from __future__ import annotations
+
+
+class ManagerError(Exception):
+    """Base of every error that reaches a caller; `code` is the envelope's `error` field."""
+
+    status = 500
+    code = "InternalError"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(ManagerError):
+    status = 400
+    code = "InvalidRequest"
+
+
+class NotFound(ManagerError):
+    status = 404
+    code = "NotFound"
+
+
+class Timeout(ManagerError):
+    status = 408
+    code = "Timeout"
+
+
+class LiveKitUnavailable(ManagerError):
+    """LiveKit could not be reached, timed out, or answered with a server error."""
+
+    status = 503
+    code = "LiveKitUnavailable"
+
+
+class LiveKitRefused(ManagerError):
+    """LiveKit answered but refused the request (a 4xx of its own)."""
+
+    status = 502
+    code = "LiveKitError"
+    livekit_code = ""
+
+
+class MicroserviceUnavailable(ManagerError):
+    """A required microservice could not be dispatched into the room."""
+
+    status = 502
+    code = "MicroserviceUnavailable"
+
+
+class ShuttingDown(ManagerError):
+    status = 503
+    code = "ShuttingDown"
+
+
+class SessionGone(ManagerError):
+    """The session ended (or its actor stopped) before it could answer."""
+
+    status = 500
+    code = "SessionTerminated"

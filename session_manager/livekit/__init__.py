@@ -1,0 +1,1 @@
+"""The LiveKit gateway: rooms and tokens, webhook verification, the managed livekit-server."""

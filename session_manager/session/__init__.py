@@ -1,0 +1,1 @@
+"""One actor per session: its state table, its record and the actor that alone changes it."""

@@ -1,0 +1,399 @@
+"""The session actor: the only code that changes one session.
+
+It takes one message at a time from its inbox (create, LiveKit webhooks, dispatch results,
+deadlines, terminate), changes its record through `_set_status`, and publishes the new view.
+It owns its dispatch tasks and its timers: all of them are cancelled, and the tasks awaited,
+before the actor ends. Whatever way it ends (done, crashed, cancelled) the session ends
+Terminated with a reason, and every caller still waiting gets an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+
+from session_manager.clock import utc_now
+from session_manager.dispatch import DispatchOutcome, JoinRoomRequest, MicroserviceClient
+from session_manager.errors import ManagerError, MicroserviceUnavailable, SessionGone, Timeout
+from session_manager.livekit.gateway import LiveKitGateway
+from session_manager.livekit.webhooks import (
+    ROLE_ATTRIBUTE,
+    ROLE_CLIENT,
+    ROLE_SERVICE,
+    SESSION_ATTRIBUTE,
+    RoomEvent,
+)
+from session_manager.logs import TRACE
+from session_manager.session.messages import (
+    CreateOptions,
+    DispatchFinished,
+    JoinDeadlinePassed,
+    RoomEventArrived,
+    SessionCreated,
+    SessionMessage,
+    Start,
+    Terminate,
+    WaitDeadlinePassed,
+    settle,
+)
+from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
+from session_manager.session.states import ServiceState, SessionStatus, check_transition
+
+log = logging.getLogger(__name__)
+
+S = SessionStatus
+JOIN_TIMEOUT_MESSAGE = "Timeout waiting for microservices to join"
+# A token must outlive the session it is for; this margin covers joining late and reconnecting.
+TOKEN_MARGIN = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class SessionDeps:
+    """What every session actor uses, shared and owned by the daemon."""
+
+    gateway: LiveKitGateway
+    microservices: MicroserviceClient
+    join_timeout: float
+    room_empty_timeout: int
+    client_token_ttl: float
+    teardown_timeout: float
+
+
+def duration_limit(metadata: JsonDict) -> float | None:
+    value = metadata.get("duration_limit")
+    return float(value) if value is not None else None
+
+
+class SessionActor:
+    def __init__(
+        self, record: SessionRecord, deps: SessionDeps, publish: Callable[[JsonDict], None]
+    ) -> None:
+        self.record = record
+        self._deps = deps
+        self._publish_view = publish
+        self._inbox: asyncio.Queue[SessionMessage] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[type, asyncio.TimerHandle] = {}
+        self._create_reply: asyncio.Future[SessionCreated] | None = None
+        self._options = CreateOptions()
+        self._client_token = ""
+        self._dispatch_pending: set[str] = set()
+        self._closed = False
+
+    @property
+    def session_id(self) -> str:
+        return self.record.session_id
+
+    def tell(self, message: SessionMessage) -> None:
+        if self._closed:
+            reply = getattr(message, "reply", None)
+            settle(reply, error=SessionGone(f"session {self.session_id} has ended"))
+            return
+        self._inbox.put_nowait(message)
+
+    # the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            self._publish()
+            while self.record.status is not S.TERMINATED:
+                message = await self._inbox.get()
+                await self._handle(message)
+                self._publish()
+        except asyncio.CancelledError:
+            await self._close_after("manager shutting down", SessionGone("session was stopped"))
+            raise
+        except Exception as exc:
+            log.exception("session actor crashed", extra=self._log_extra())
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            await self._close_after(reason, SessionGone(f"session ended: {reason}"))
+        finally:
+            self._closed = True
+            await self._stop_children()
+            self._refuse_leftovers()
+
+    async def _handle(self, message: SessionMessage) -> None:
+        match message:
+            case Start():
+                await self._start(message)
+            case RoomEventArrived(event=event):
+                await self._on_room_event(event)
+            case DispatchFinished(service_id=service_id, outcome=outcome):
+                await self._on_dispatch_finished(service_id, outcome)
+            case JoinDeadlinePassed():
+                if self.record.status in (S.CREATING, S.WAITING_FOR_SERVICES):
+                    await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
+            case WaitDeadlinePassed():
+                if self._options.wait_until_ready and self._create_reply is not None:
+                    await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
+            case Terminate(reason=reason, reply=reply):
+                await self._terminate(reason)
+                settle(reply, self.record.view())
+
+    # creation ------------------------------------------------------------------------------
+
+    async def _start(self, message: Start) -> None:
+        self._create_reply = message.reply
+        self._options = message.options
+        record = self.record
+        metadata = orjson.dumps(
+            {"session_id": record.session_id, "user_identity": record.user_identity}
+        ).decode()
+        try:
+            await self._deps.gateway.create_room(
+                record.room_name, metadata=metadata, empty_timeout=self._deps.room_empty_timeout
+            )
+        except ManagerError as exc:
+            await self._terminate(f"LiveKit room could not be created: {exc.message}", exc)
+            return
+        if self.record.status is not S.CREATING:  # terminated while we waited on LiveKit
+            return
+
+        ttl = self._token_ttl()
+        self._client_token = self._deps.gateway.mint_token(
+            identity=record.user_identity,
+            name=record.user_name,
+            room_name=record.room_name,
+            ttl=ttl,
+            attributes={ROLE_ATTRIBUTE: ROLE_CLIENT, SESSION_ATTRIBUTE: record.session_id},
+        )
+        if not record.services:
+            self._set_status(S.READY)
+            self._answer_creator()
+            return
+
+        self._set_status(S.WAITING_FOR_SERVICES)
+        self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+        if self._options.wait_until_ready and self._options.wait_timeout is not None:
+            self._start_timer(WaitDeadlinePassed, self._options.wait_timeout)
+        for slot in record.services.values():
+            self._dispatch(slot, ttl)
+
+    def _token_ttl(self) -> timedelta:
+        limit = duration_limit(self.record.metadata)
+        if limit is None:
+            return timedelta(seconds=self._deps.client_token_ttl)
+        return timedelta(seconds=limit + self._deps.join_timeout) + TOKEN_MARGIN
+
+    def _dispatch(self, slot: ServiceSlot, ttl: timedelta) -> None:
+        record = self.record
+        token = self._deps.gateway.mint_token(
+            identity=slot.service_id,
+            room_name=record.room_name,
+            ttl=ttl,
+            attributes={ROLE_ATTRIBUTE: ROLE_SERVICE, SESSION_ATTRIBUTE: record.session_id},
+        )
+        request = JoinRoomRequest(
+            session_id=record.session_id,
+            room_name=record.room_name,
+            service_identity=slot.service_id,
+            access_token=token,
+            livekit_url=self._deps.gateway.endpoint.public_url,
+        )
+        slot.dispatched_at = utc_now()
+        self._dispatch_pending.add(slot.service_id)
+        log.debug("dispatching service", extra=self._log_extra(service_id=slot.service_id))
+        self._spawn(self._join_room(slot.service_id, slot.endpoint, request))
+
+    async def _join_room(self, service_id: str, endpoint: str, request: JoinRoomRequest) -> None:
+        outcome = await self._deps.microservices.join_room(endpoint, request)
+        self.tell(DispatchFinished(service_id, outcome))
+
+    async def _on_dispatch_finished(self, service_id: str, outcome: DispatchOutcome) -> None:
+        self._dispatch_pending.discard(service_id)
+        slot = self.record.services[service_id]
+        slot.attempts = outcome.attempts
+        slot.answered_at = utc_now()
+        if not outcome.ok:
+            slot.state = ServiceState.FAILED
+            slot.error = outcome.error
+            log.warning(
+                "service dispatch failed",
+                extra=self._log_extra(service_id=service_id, error=outcome.error),
+            )
+            reason = f"microservice {service_id} could not join: {outcome.error}"
+            await self._terminate(reason, MicroserviceUnavailable(reason))
+            return
+        if slot.state is ServiceState.PENDING:
+            slot.state = ServiceState.DISPATCHED
+        log.debug(
+            "service dispatched",
+            extra=self._log_extra(service_id=service_id, elapsed_ms=outcome.elapsed_ms),
+        )
+        if not self._dispatch_pending and not self._options.wait_until_ready:
+            self._answer_creator()
+
+    def _answer_creator(self) -> None:
+        reply, self._create_reply = self._create_reply, None
+        record = self.record
+        settle(
+            reply,
+            SessionCreated(
+                session_id=record.session_id,
+                room_name=record.room_name,
+                access_token=self._client_token,
+                livekit_url=self._deps.gateway.endpoint.public_url,
+                status=record.status.value,
+            ),
+        )
+
+    # LiveKit -------------------------------------------------------------------------------
+
+    async def _on_room_event(self, event: RoomEvent) -> None:
+        log.log(
+            TRACE, "room event", extra=self._log_extra(kind=event.kind, identity=event.identity)
+        )
+        if event.kind == "room_finished":
+            await self._terminate("LiveKit room finished")
+            return
+        if event.identity is None or event.kind not in ("participant_joined", "participant_left"):
+            return
+        joined = event.kind == "participant_joined"
+        role = self._role_of(event)
+        now = utc_now()
+        if role == ROLE_CLIENT:
+            self.record.client_present = joined
+            if joined:
+                self.record.client_joined_at = self.record.client_joined_at or now
+            else:
+                self.record.client_left_at = now
+        elif role == ROLE_SERVICE:
+            slot = self.record.services[event.identity]
+            if joined:
+                slot.state, slot.joined_at, slot.error = ServiceState.JOINED, now, None
+            else:
+                slot.state, slot.left_at = ServiceState.LEFT, now
+        else:
+            log.debug(
+                "participant is not part of this session",
+                extra=self._log_extra(identity=event.identity),
+            )
+            return
+        log.info(
+            "participant joined" if joined else "participant left",
+            extra=self._log_extra(identity=event.identity, role=role),
+        )
+        self._advance()
+
+    def _role_of(self, event: RoomEvent) -> str | None:
+        """Who a participant is, from the attributes we put in the token we minted for it."""
+        identity = event.identity
+        if event.attributes.get(SESSION_ATTRIBUTE) not in (None, self.session_id):
+            return None
+        if event.role == ROLE_SERVICE and identity in self.record.services:
+            return ROLE_SERVICE
+        if event.role == ROLE_CLIENT and identity == self.record.user_identity:
+            return ROLE_CLIENT
+        return None
+
+    def _advance(self) -> None:
+        """Move forward as far as the facts allow: Ready when every service is in, then Active
+        when the user is in too."""
+        status = self.record.status
+        if status is S.WAITING_FOR_SERVICES and self.record.all_services_joined:
+            self._set_status(S.READY)
+            if self._options.wait_until_ready:
+                self._answer_creator()
+        if self.record.status is S.READY and self.record.client_present:
+            self._set_status(S.ACTIVE)
+
+    # ending --------------------------------------------------------------------------------
+
+    async def _terminate(self, reason: str, error: ManagerError | None = None) -> None:
+        if self.record.status in (S.TERMINATING, S.TERMINATED):
+            return
+        self.record.reason = reason
+        self._set_status(S.TERMINATING)
+        self._publish()
+        await self._stop_children()
+        try:
+            await asyncio.wait_for(
+                self._deps.gateway.delete_room(self.record.room_name), self._deps.teardown_timeout
+            )
+        except (ManagerError, TimeoutError) as exc:
+            log.warning(
+                "room could not be deleted", extra=self._log_extra(error=str(exc) or "timeout")
+            )
+        self._set_status(S.TERMINATED)
+        settle(self._create_reply, error=error or SessionGone(f"session ended: {reason}"))
+        self._create_reply = None
+
+    async def _close_after(self, reason: str, error: ManagerError) -> None:
+        """Bring a session that lost its actor to Terminated; best effort, never raises."""
+        try:
+            await self._terminate(reason, error)
+        except Exception:
+            log.exception("session teardown failed", extra=self._log_extra())
+        if self.record.status is not S.TERMINATED:
+            self.record.status = S.TERMINATED
+            self.record.reason = self.record.reason or reason
+            self.record.terminated_at = utc_now()
+        settle(self._create_reply, error=error)
+        with suppress(Exception):
+            self._publish()
+
+    def _refuse_leftovers(self) -> None:
+        while not self._inbox.empty():
+            message = self._inbox.get_nowait()
+            settle(getattr(message, "reply", None), error=SessionGone("session has ended"))
+
+    # plumbing ------------------------------------------------------------------------------
+
+    def _set_status(self, new: SessionStatus) -> None:
+        old = self.record.status
+        check_transition(old, new)
+        now = utc_now()
+        self.record.status = new
+        self.record.updated_at = now
+        if new is S.READY:
+            self.record.ready_at = self.record.ready_at or now
+            self._cancel_timer(JoinDeadlinePassed)
+            self._cancel_timer(WaitDeadlinePassed)
+        elif new is S.ACTIVE:
+            self.record.active_at = self.record.active_at or now
+        elif new is S.TERMINATED:
+            self.record.terminated_at = now
+        level = logging.INFO if new in (S.READY, S.ACTIVE, S.TERMINATED) else logging.DEBUG
+        log.log(
+            level,
+            "session status changed",
+            extra=self._log_extra(old=old.value, new=new.value, reason=self.record.reason),
+        )
+
+    def _publish(self) -> None:
+        self._publish_view(self.record.view())
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _start_timer(self, message_type: type, delay: float) -> None:
+        self._cancel_timer(message_type)
+        loop = asyncio.get_running_loop()
+        self._timers[message_type] = loop.call_later(delay, self.tell, message_type())
+
+    def _cancel_timer(self, message_type: type) -> None:
+        handle = self._timers.pop(message_type, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _stop_children(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _log_extra(self, **values: Any) -> dict[str, Any]:
+        return {"session_id": self.session_id, **values}

@@ -1,0 +1,88 @@
+"""What a session actor's inbox carries. One small dataclass per message; the actor dispatches on
+the type. A message that wants an answer carries a future, and a failure goes back through it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from session_manager.dispatch import DispatchOutcome
+from session_manager.livekit.webhooks import RoomEvent
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    wait_until_ready: bool = False
+    wait_timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class SessionCreated:
+    """The answer to create-session; carries the client's token, so it is never logged."""
+
+    session_id: str
+    room_name: str
+    access_token: str
+    livekit_url: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Start:
+    """Create the room, mint the tokens, dispatch the services; answer `reply`."""
+
+    options: CreateOptions
+    reply: asyncio.Future[SessionCreated]
+
+
+@dataclass(frozen=True)
+class RoomEventArrived:
+    """A verified LiveKit webhook for this session's room."""
+
+    event: RoomEvent
+
+
+@dataclass(frozen=True)
+class DispatchFinished:
+    """A join-room call (with its retries) is over."""
+
+    service_id: str
+    outcome: DispatchOutcome
+
+
+@dataclass(frozen=True)
+class JoinDeadlinePassed:
+    """`join_timeout` after dispatch: every required service should have joined by now."""
+
+
+@dataclass(frozen=True)
+class WaitDeadlinePassed:
+    """The creator's `timeout_secs` ran out before the session was Ready."""
+
+
+@dataclass(frozen=True)
+class Terminate:
+    reason: str
+    reply: asyncio.Future[Any] | None = None
+
+
+SessionMessage = (
+    Start
+    | RoomEventArrived
+    | DispatchFinished
+    | JoinDeadlinePassed
+    | (WaitDeadlinePassed | Terminate)
+)
+
+
+def settle(
+    future: asyncio.Future[Any] | None, result: Any = None, error: BaseException | None = None
+) -> None:
+    """Answer a caller unless it already went away (its handler was cancelled)."""
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

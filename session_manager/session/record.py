@@ -1,0 +1,99 @@
+"""What the manager knows of one session. Changed only by that session's actor; everyone else
+sees the JSON view it publishes after each change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from session_manager.clock import rfc3339, utc_now
+from session_manager.session.states import ServiceState, SessionStatus
+
+JsonDict = dict[str, Any]
+
+
+def _ts(moment: datetime | None) -> str | None:
+    return rfc3339(moment) if moment else None
+
+
+def _ms_between(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds() * 1000, 1)
+
+
+@dataclass
+class ServiceSlot:
+    """One required microservice in one session."""
+
+    service_id: str
+    endpoint: str
+    state: ServiceState = ServiceState.PENDING
+    attempts: int = 0
+    error: str | None = None
+    dispatched_at: datetime | None = None
+    answered_at: datetime | None = None
+    joined_at: datetime | None = None
+    left_at: datetime | None = None
+
+    def view(self) -> JsonDict:
+        return {
+            "service_id": self.service_id,
+            "endpoint": self.endpoint,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "error": self.error,
+            "dispatched_at": _ts(self.dispatched_at),
+            "joined_at": _ts(self.joined_at),
+            "left_at": _ts(self.left_at),
+            # From the first join-room call to LiveKit's participant_joined webhook.
+            "join_ms": _ms_between(self.dispatched_at, self.joined_at),
+        }
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    room_name: str
+    user_identity: str
+    user_name: str | None
+    metadata: JsonDict
+    services: dict[str, ServiceSlot] = field(default_factory=dict)
+    status: SessionStatus = SessionStatus.CREATING
+    reason: str | None = None
+    created_at: datetime = field(default_factory=utc_now)
+    updated_at: datetime = field(default_factory=utc_now)
+    ready_at: datetime | None = None
+    active_at: datetime | None = None
+    terminated_at: datetime | None = None
+    client_joined_at: datetime | None = None
+    client_left_at: datetime | None = None
+    client_present: bool = False
+
+    @property
+    def all_services_joined(self) -> bool:
+        return all(slot.state is ServiceState.JOINED for slot in self.services.values())
+
+    def view(self) -> JsonDict:
+        return {
+            "session_id": self.session_id,
+            "room_name": self.room_name,
+            "status": self.status.value,
+            "reason": self.reason,
+            "user_identity": self.user_identity,
+            "user_name": self.user_name,
+            "metadata": self.metadata,
+            "client": {
+                "joined": self.client_present,
+                "joined_at": _ts(self.client_joined_at),
+                "left_at": _ts(self.client_left_at),
+            },
+            "services": [slot.view() for slot in self.services.values()],
+            "created_at": _ts(self.created_at),
+            "updated_at": _ts(self.updated_at),
+            "ready_at": _ts(self.ready_at),
+            "active_at": _ts(self.active_at),
+            "terminated_at": _ts(self.terminated_at),
+            "ready_ms": _ms_between(self.created_at, self.ready_at),
+        }

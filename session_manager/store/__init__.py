@@ -1,0 +1,7 @@
+"""Where sessions and registrations outlive a request: embedded SQLite by default, or memory."""
+
+from session_manager.store.base import Store
+from session_manager.store.memory import MemoryStore
+from session_manager.store.sqlite import SqliteStore
+
+__all__ = ["MemoryStore", "SqliteStore", "Store"]

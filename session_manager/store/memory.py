@@ -1,0 +1,32 @@
+"""A store that forgets everything at exit: for tests and throw-away runs."""
+
+from __future__ import annotations
+
+from session_manager.store.base import JsonDict
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._services: dict[str, JsonDict] = {}
+        self._sessions: dict[str, JsonDict] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def save_service(self, service: JsonDict) -> None:
+        self._services[service["service_id"]] = service
+
+    async def delete_service(self, service_id: str) -> None:
+        self._services.pop(service_id, None)
+
+    async def load_services(self) -> list[JsonDict]:
+        return list(self._services.values())
+
+    def save_session(self, view: JsonDict) -> None:
+        self._sessions[view["session_id"]] = view
+
+    async def get_session(self, session_id: str) -> JsonDict | None:
+        return self._sessions.get(session_id)
