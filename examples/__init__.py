@@ -1,0 +1,1 @@
+"""Example microservices written with session_manager.sdk."""

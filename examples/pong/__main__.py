@@ -1,0 +1,7 @@
+"""`python -m examples.pong` (run from the repository root)."""
+
+import sys
+
+from examples.pong.pong import main
+
+sys.exit(main())

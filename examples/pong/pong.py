@@ -1,0 +1,108 @@
+"""Pong microservice: in every session it joins, answers each b"ping" data packet with b"pong",
+sent reliably to the sender only. Written with session_manager.sdk alone.
+
+Run from the repository root with `python -m examples.pong` or `python examples/pong/pong.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from livekit import rtc
+
+from session_manager.sdk import (
+    JoinedSession,
+    MicroserviceRunner,
+    RegistrationError,
+    SessionHandler,
+    configure_logging,
+)
+
+logger = logging.getLogger("examples.pong")
+
+PING = b"ping"
+PONG = b"pong"
+
+
+class PongHandler(SessionHandler):
+    async def on_join(self, session: JoinedSession) -> None:
+        # LiveKit calls event callbacks synchronously and refuses coroutine callbacks, so the
+        # callback only queues the packet; this task (owned and cancelled by the SDK) answers.
+        packets: asyncio.Queue[rtc.DataPacket] = asyncio.Queue()
+        enqueue = packets.put_nowait
+        session.room.on("data_received", enqueue)
+        logger.info("pong ready", extra={"session_id": session.session_id})
+        try:
+            while True:
+                packet = await packets.get()
+                await self.answer(session.room, packet)
+        finally:
+            session.room.off("data_received", enqueue)
+
+    async def answer(self, room: rtc.Room, packet: rtc.DataPacket) -> bool:
+        """Reply b"pong" to the sender of a b"ping" packet; True when a reply was sent."""
+        if packet.data != PING or packet.participant is None:
+            return False  # not a ping, or sent by a server SDK with no one to answer
+        sender = packet.participant.identity
+        try:
+            # Same topic as the ping, so a client that filters by topic sees the answer.
+            await room.local_participant.publish_data(
+                PONG, reliable=True, destination_identities=[sender], topic=packet.topic or ""
+            )
+        except Exception:
+            # One failed reply (e.g. the sender just left) must not end the session's loop.
+            logger.exception("pong reply failed", extra={"destination": sender})
+            return False
+        logger.debug("answered ping", extra={"destination": sender})
+        return True
+
+    async def on_leave(self, session: JoinedSession, reason: str) -> None:
+        logger.info("pong left", extra={"session_id": session.session_id, "reason": reason})
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pong", description='Microservice that answers b"ping" data packets with b"pong".'
+    )
+    parser.add_argument("--service-id", default="pong-service-1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on (0: any)")
+    parser.add_argument("--manager-url", default="http://127.0.0.1:8080")
+    parser.add_argument(
+        "--advertise-url",
+        default=None,
+        help="URL the manager should call (default: http://HOST:PORT)",
+    )
+    parser.add_argument("--type", default="PONG", help="service type sent in the metadata")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_level)
+    runner = MicroserviceRunner(
+        args.service_id,
+        PongHandler(),
+        host=args.host,
+        port=args.port,
+        manager_url=args.manager_url,
+        metadata={"type": args.type},
+        advertise_url=args.advertise_url,
+    )
+    try:
+        runner.run()
+    except RegistrationError as error:
+        logger.error("registration refused", extra={"error": str(error)})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

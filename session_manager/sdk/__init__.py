@@ -1,0 +1,30 @@
+"""SDK for writing Session Manager microservices.
+
+A microservice subclasses `SessionHandler` and runs it with `MicroserviceRunner` (or the blocking
+`run_service`). The SDK serves the endpoints the manager calls (join-room, leave-room, health),
+connects to the LiveKit room of each session, registers the service with the manager, and shuts
+everything down cleanly.
+
+This package is self-contained: it imports nothing from the rest of `session_manager`, so it can
+be vendored into a microservice on its own.
+"""
+
+from .handler import JoinedSession, LeaveReason, SessionHandler
+from .log_format import ExtraFieldsFormatter, configure_logging
+from .registration import RegistrationError, RetryBackoff
+from .room_sessions import RoomFactory
+from .runner import MicroserviceRunner, ServiceClosedError, run_service
+
+__all__ = [
+    "ExtraFieldsFormatter",
+    "JoinedSession",
+    "LeaveReason",
+    "MicroserviceRunner",
+    "RegistrationError",
+    "RetryBackoff",
+    "RoomFactory",
+    "ServiceClosedError",
+    "SessionHandler",
+    "configure_logging",
+    "run_service",
+]

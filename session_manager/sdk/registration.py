@@ -1,0 +1,133 @@
+"""Registering the service with the Session Manager, retrying while the manager is not up."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+
+from .payloads import RegisterRequest
+from .redaction import describe_error
+
+logger = logging.getLogger(__name__)
+
+REGISTER_PATH = "/api/v1/microservices/register"
+
+
+class RegistrationError(RuntimeError):
+    """The manager refused the registration for good (a 4xx other than "already exists")."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBackoff:
+    """Capped exponential backoff between registration attempts."""
+
+    initial_delay: float = 0.2
+    max_delay: float = 5.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.initial_delay <= 0 or self.max_delay < self.initial_delay or self.multiplier < 1:
+            raise ValueError("need 0 < initial_delay <= max_delay and multiplier >= 1")
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_delay
+        while True:
+            yield delay
+            delay = min(delay * self.multiplier, self.max_delay)
+
+
+class _Verdict(enum.Enum):
+    REGISTERED = "registered"
+    ALREADY_REGISTERED = "already_registered"
+    RETRY = "retry"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    verdict: _Verdict
+    detail: str
+
+
+def _manager_message(body: str) -> str:
+    """The `message` of the manager's JSON answer or error envelope, else the raw text."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body.strip()[:300]
+    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+        return str(parsed["message"])
+    return body.strip()[:300]
+
+
+def _judge(status: int, body: str) -> _Answer:
+    message = _manager_message(body)
+    if 200 <= status < 300:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and parsed.get("success") is False:
+            return _Answer(_Verdict.REFUSED, f"HTTP {status}: {message}")
+        return _Answer(_Verdict.REGISTERED, message)
+    # The manager answers a duplicate id with 400 "Service ID already exists": a restarted
+    # service is still known to it, so carry on instead of failing to come up.
+    if status == 400 and "already exists" in message.lower():
+        return _Answer(_Verdict.ALREADY_REGISTERED, message)
+    if status >= 500 or status in (408, 429):
+        return _Answer(_Verdict.RETRY, f"HTTP {status}: {message}")
+    return _Answer(_Verdict.REFUSED, f"HTTP {status}: {message}")
+
+
+async def _attempt(http: aiohttp.ClientSession, url: str, payload: RegisterRequest) -> _Answer:
+    try:
+        async with http.post(url, json=payload.model_dump(mode="json")) as response:
+            return _judge(response.status, await response.text())
+    except (aiohttp.ClientError, TimeoutError) as error:
+        # Connection refused, reset or timed out: the manager is not (yet) reachable.
+        return _Answer(_Verdict.RETRY, describe_error(error))
+
+
+async def register_until_accepted(
+    http: aiohttp.ClientSession,
+    manager_url: str,
+    payload: RegisterRequest,
+    backoff: RetryBackoff,
+) -> None:
+    """POST the registration until the manager accepts it; retries forever on transient errors.
+
+    Raises RegistrationError when the manager refuses it. Stops only by cancellation otherwise,
+    so the caller bounds it (the runner cancels it at shutdown). `http` carries the per-request
+    timeout.
+    """
+    url = manager_url.rstrip("/") + REGISTER_PATH
+    log_fields = {"service_id": payload.service_id, "endpoint": payload.endpoint, "url": url}
+    for attempt, delay in enumerate(backoff.delays(), start=1):
+        answer = await _attempt(http, url, payload)
+        if answer.verdict is _Verdict.REGISTERED:
+            logger.info("registered with the session manager", extra=log_fields)
+            return
+        if answer.verdict is _Verdict.ALREADY_REGISTERED:
+            # The manager keeps the endpoint of the first registration; a restart on another
+            # port would not be picked up.
+            logger.warning(
+                "service id already registered; assuming it is this service",
+                extra={**log_fields, "detail": answer.detail},
+            )
+            return
+        if answer.verdict is _Verdict.REFUSED:
+            raise RegistrationError(
+                f"Session manager at {url} refused to register service "
+                f"{payload.service_id!r}: {answer.detail}"
+            )
+        logger.warning(
+            "registration attempt failed; retrying",
+            extra={**log_fields, "attempt": attempt, "retry_in_s": delay, "error": answer.detail},
+        )
+        await asyncio.sleep(delay)

@@ -1,0 +1,246 @@
+"""MicroserviceRunner: serves the manager-facing HTTP API, registers, and shuts down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+from aiohttp import web
+from livekit import rtc
+from yarl import URL
+
+from .handler import SessionHandler
+from .http_routes import MicroserviceRoutes
+from .owned_tasks import cancel_and_wait
+from .payloads import RegisterRequest
+from .registration import RetryBackoff, register_until_accepted
+from .room_sessions import RoomFactory, RoomSessions
+
+logger = logging.getLogger(__name__)
+
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+class ServiceClosedError(RuntimeError):
+    """The runner was closed before `start()` could finish."""
+
+
+class MicroserviceRunner:
+    """Runs one microservice: the HTTP endpoints the manager calls, and its registration.
+
+    Use it as ``async with MicroserviceRunner(...) as runner:`` or call `start()` / `aclose()`;
+    `run()` does both around a wait for SIGINT/SIGTERM.
+
+    `manager_url=None` skips registration (for a manager that knows the service otherwise).
+    `room_factory` makes an unconnected `rtc.Room`; tests inject a fake one.
+    """
+
+    def __init__(
+        self,
+        service_id: str,
+        handler: SessionHandler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        manager_url: str | None = "http://127.0.0.1:8080",
+        metadata: Mapping[str, Any] | None = None,
+        advertise_url: str | None = None,
+        connect_timeout: float = 10.0,
+        room_factory: RoomFactory | None = None,
+        request_timeout: float = 5.0,
+        registration_backoff: RetryBackoff | None = None,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        if not service_id:
+            raise ValueError("service_id must not be empty")
+        if connect_timeout <= 0 or request_timeout <= 0 or shutdown_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self._service_id = service_id
+        self._host = host
+        self._requested_port = port
+        self._manager_url = manager_url
+        self._metadata = dict(metadata or {})
+        self._advertise_url = advertise_url.rstrip("/") if advertise_url else None
+        self._request_timeout = request_timeout
+        self._backoff = registration_backoff or RetryBackoff()
+        self._shutdown_timeout = shutdown_timeout
+        self._sessions = RoomSessions(
+            service_id=service_id,
+            handler=handler,
+            room_factory=room_factory or rtc.Room,
+            connect_timeout=connect_timeout,
+            teardown_grace=shutdown_timeout,
+        )
+        self._app_runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._registration: asyncio.Task[None] | None = None
+        self._started = False
+        self._registered = False
+        self._closed = False
+        # Serialises start-up of the server with shutdown, and makes aclose() run once.
+        self._lifecycle_lock = asyncio.Lock()
+
+    @property
+    def service_id(self) -> str:
+        return self._service_id
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with port=0)."""
+        if self._site is None:
+            raise RuntimeError("the runner is not serving; call start() first")
+        return self._site.port
+
+    @property
+    def endpoint(self) -> str:
+        """The URL the manager is given to reach this service."""
+        if self._advertise_url is not None:
+            return self._advertise_url
+        return str(URL.build(scheme="http", host=self._host, port=self.port))
+
+    @property
+    def sessions(self) -> frozenset[str]:
+        """Ids of the sessions whose rooms are currently joined."""
+        return self._sessions.joined_ids()
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    async def start(self) -> None:
+        """Serve HTTP, then register with the manager, retrying until it accepts.
+
+        Raises RegistrationError if the manager refuses, ServiceClosedError if `aclose()` ran
+        first. On any failure the runner is closed again before the exception propagates.
+        """
+        if self._started:
+            raise RuntimeError("MicroserviceRunner.start() may be called only once")
+        self._started = True
+        try:
+            async with self._lifecycle_lock:
+                if self._closed:
+                    raise ServiceClosedError("the runner was closed before it started")
+                await self._serve_http()
+            if self._manager_url is not None:
+                await self._register(self._manager_url)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _serve_http(self) -> None:
+        app = MicroserviceRoutes(self._service_id, self._sessions).build_app()
+        # The sessions are wound down before the server stops, so this only bounds requests
+        # still in flight at the very end.
+        self._app_runner = web.AppRunner(app, shutdown_timeout=self._shutdown_timeout)
+        await self._app_runner.setup()
+        site = web.TCPSite(self._app_runner, self._host, self._requested_port)
+        await site.start()
+        self._site = site
+        if self._advertise_url is None and self._host in _WILDCARD_HOSTS:
+            logger.warning(
+                "listening on all interfaces without advertise_url; the manager may not reach "
+                "the advertised endpoint",
+                extra={"endpoint": self.endpoint},
+            )
+        logger.info(
+            "microservice listening",
+            extra={"service_id": self._service_id, "endpoint": self.endpoint},
+        )
+
+    async def _register(self, manager_url: str) -> None:
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._request_timeout)
+        )
+        payload = RegisterRequest(
+            service_id=self._service_id, endpoint=self.endpoint, metadata=self._metadata
+        )
+        # A task of its own so that aclose() from elsewhere can stop the retry loop at once.
+        task = asyncio.create_task(
+            register_until_accepted(self._http, manager_url, payload, self._backoff),
+            name=f"register {self._service_id}",
+        )
+        self._registration = task
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            await cancel_and_wait(task)  # start() was cancelled: nobody is left to register for
+            raise
+        if task.cancelled():
+            raise ServiceClosedError("the runner was closed before registration completed")
+        task.result()
+        self._registered = True
+
+    async def aclose(self) -> None:
+        """Stop accepting work, leave every room (on_leave reason "shutdown"), stop serving.
+
+        Safe to call more than once and from several tasks; later calls return at once.
+        """
+        async with self._lifecycle_lock:
+            if self._closed:
+                return
+            self._closed = True
+            logger.info("microservice shutting down", extra={"service_id": self._service_id})
+            # From here join-room answers 503 and health reports shutting_down.
+            await cancel_and_wait(self._registration)
+            await self._sessions.close()
+            if self._app_runner is not None:
+                await self._app_runner.cleanup()
+            if self._http is not None:
+                await self._http.close()
+            logger.info("microservice stopped", extra={"service_id": self._service_id})
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def run_until_signal(
+        self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+    ) -> None:
+        """Start, serve until one of `signals` arrives, then shut down."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        installed: list[signal.Signals] = []
+        for sig in signals:
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not on this platform / thread
+                continue
+            installed.append(sig)
+        starting = asyncio.create_task(self.start(), name=f"start {self._service_id}")
+        stopping = asyncio.create_task(stop.wait(), name=f"await stop {self._service_id}")
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a refused registration ends the service here
+                await stopping
+            logger.info("stop signal received", extra={"service_id": self._service_id})
+        finally:
+            # Restored before the shutdown so that a second Ctrl-C can still force the exit.
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await cancel_and_wait(starting)
+            await cancel_and_wait(stopping)
+            await self.aclose()
+
+    def run(self) -> None:
+        """Blocking: run the service in a new event loop until SIGINT or SIGTERM."""
+        asyncio.run(self.run_until_signal())
+
+
+def run_service(service_id: str, handler: SessionHandler, **options: Any) -> None:
+    """Blocking shortcut for ``MicroserviceRunner(service_id, handler, **options).run()``."""
+    MicroserviceRunner(service_id, handler, **options).run()

@@ -1,0 +1,238 @@
+"""Registration of a microservice with the manager, against a fake manager served by aiohttp on
+a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from session_manager.sdk import (
+    JoinedSession,
+    MicroserviceRunner,
+    RegistrationError,
+    RetryBackoff,
+    ServiceClosedError,
+    SessionHandler,
+)
+
+FAST = RetryBackoff(initial_delay=0.02, max_delay=0.1)
+
+
+class IdleHandler(SessionHandler):
+    async def on_join(self, session: JoinedSession) -> None:
+        return None
+
+
+def error_envelope(status: int, message: str) -> web.Response:
+    return web.json_response(
+        {"error": "InvalidRequest", "message": message, "timestamp": "2024-01-01T00:00:00Z"},
+        status=status,
+    )
+
+
+def registered() -> web.Response:
+    return web.json_response({"success": True, "service_id": "svc-1", "message": "registered"})
+
+
+class FakeManager:
+    """Records every registration POST and answers the n-th one with `answers[n]` (the last
+    answer repeats)."""
+
+    def __init__(self, *answers: Callable[[], web.Response]) -> None:
+        self.answers = list(answers)
+        self.bodies: list[dict[str, Any]] = []
+        self.delay_first: float = 0.0
+
+    async def register(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        if len(self.bodies) == 1 and self.delay_first:
+            await asyncio.sleep(self.delay_first)
+        answer = self.answers[min(len(self.bodies), len(self.answers)) - 1]
+        return answer()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/api/v1/microservices/register", self.register)
+        return app
+
+
+@pytest.fixture
+async def serve_manager() -> AsyncIterator[Callable[[FakeManager, int], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def serve(manager: FakeManager, port: int = 0) -> str:
+        runner = web.AppRunner(manager.app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{site.port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+def unused_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def make_runner(manager_url: str, **options: Any) -> MicroserviceRunner:
+    options.setdefault("registration_backoff", FAST)
+    return MicroserviceRunner(
+        "svc-1", IdleHandler(), manager_url=manager_url, metadata={"type": "PONG"}, **options
+    )
+
+
+async def test_registers_with_the_expected_body(serve_manager: Any) -> None:
+    manager = FakeManager(registered)
+    url = await serve_manager(manager)
+
+    async with make_runner(url) as service:
+        assert service.registered
+        assert manager.bodies == [
+            {"service_id": "svc-1", "endpoint": service.endpoint, "metadata": {"type": "PONG"}}
+        ]
+        assert service.endpoint == f"http://127.0.0.1:{service.port}"
+        # The advertised endpoint really serves the SDK's API.
+        async with aiohttp.ClientSession() as http, http.get(service.endpoint + "/health") as r:
+            assert (await r.json())["service_id"] == "svc-1"
+
+
+async def test_advertise_url_is_what_gets_registered(serve_manager: Any) -> None:
+    manager = FakeManager(registered)
+    url = await serve_manager(manager)
+
+    async with make_runner(url, advertise_url="http://pong.internal:9000/") as service:
+        assert service.endpoint == "http://pong.internal:9000"
+        assert manager.bodies[0]["endpoint"] == "http://pong.internal:9000"
+
+
+async def test_retries_while_the_manager_answers_503(serve_manager: Any) -> None:
+    manager = FakeManager(
+        lambda: web.Response(status=503, text="starting"),
+        lambda: error_envelope(503, "not ready"),
+        registered,
+    )
+    url = await serve_manager(manager)
+
+    async with make_runner(url) as service:
+        assert service.registered
+        assert len(manager.bodies) == 3
+        assert manager.bodies[0] == manager.bodies[2]
+
+
+async def test_retries_until_the_manager_starts_listening(serve_manager: Any) -> None:
+    port = unused_loopback_port()
+    service = make_runner(f"http://127.0.0.1:{port}")
+    starting = asyncio.create_task(service.start())
+    await asyncio.sleep(0.3)  # several refused connections
+    assert not starting.done()
+
+    manager = FakeManager(registered)
+    await serve_manager(manager, port)
+    await asyncio.wait_for(starting, 5)
+
+    assert service.registered
+    assert len(manager.bodies) == 1
+    await service.aclose()
+
+
+async def test_a_manager_that_does_not_answer_in_time_is_retried(serve_manager: Any) -> None:
+    manager = FakeManager(registered)
+    manager.delay_first = 2.0
+    url = await serve_manager(manager)
+
+    started = time.monotonic()
+    async with make_runner(url, request_timeout=0.2) as service:
+        assert service.registered
+        assert len(manager.bodies) == 2
+        assert time.monotonic() - started < 1.5
+
+
+async def test_already_registered_counts_as_registered(
+    serve_manager: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = FakeManager(lambda: error_envelope(400, "Service ID already exists"))
+    url = await serve_manager(manager)
+
+    with caplog.at_level(logging.WARNING, logger="session_manager.sdk"):
+        async with make_runner(url) as service:
+            assert service.registered
+            assert len(manager.bodies) == 1
+    assert any(
+        record.levelno == logging.WARNING and "already registered" in record.getMessage()
+        for record in caplog.records
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [(400, "metadata.type is required"), (404, "Not Found"), (401, "unauthorised")],
+)
+async def test_other_client_errors_are_fatal(serve_manager: Any, status: int, message: str) -> None:
+    manager = FakeManager(lambda: error_envelope(status, message))
+    url = await serve_manager(manager)
+    service = make_runner(url)
+
+    with pytest.raises(RegistrationError) as raised:
+        await service.start()
+
+    assert f"HTTP {status}" in str(raised.value)
+    assert message in str(raised.value)
+    assert len(manager.bodies) == 1  # no retry
+    # start() cleaned up after itself: the service no longer listens.
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(service.endpoint + "/health")
+
+
+async def test_aclose_stops_the_retry_loop(serve_manager: Any) -> None:
+    manager = FakeManager(lambda: web.Response(status=503))
+    url = await serve_manager(manager)
+    service = make_runner(url)
+    starting = asyncio.create_task(service.start())
+    await asyncio.sleep(0.2)
+
+    await asyncio.wait_for(service.aclose(), 2)
+
+    with pytest.raises(ServiceClosedError):
+        await starting
+    attempts = len(manager.bodies)
+    assert attempts >= 2
+    await asyncio.sleep(0.2)
+    assert len(manager.bodies) == attempts  # no attempt after the shutdown
+
+
+async def test_cancelling_start_stops_registration(serve_manager: Any) -> None:
+    manager = FakeManager(lambda: web.Response(status=503))
+    url = await serve_manager(manager)
+    service = make_runner(url)
+    starting = asyncio.create_task(service.start())
+    await asyncio.sleep(0.2)
+
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+
+    attempts = len(manager.bodies)
+    await asyncio.sleep(0.2)
+    assert len(manager.bodies) == attempts
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(service.endpoint + "/health")
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    delays = RetryBackoff().delays()
+    assert [next(delays) for _ in range(8)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
