@@ -1,0 +1,165 @@
+"""Shared fixtures: a real livekit-server for the test session, and managers wired to it.
+
+LiveKit is started once per test session with the same config the manager writes for its managed
+child; it posts webhooks to a fixed port, where each test's manager listens in turn.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from livekit import api
+
+from session_manager.api.app import create_app
+from session_manager.config import Settings
+from session_manager.livekit.server import find_binary, new_config
+
+NETNS_ENV = "SESSION_MANAGER_NETNS"
+
+
+def require_netns() -> None:
+    """Tests with a real LiveKit run only inside the private network namespace of
+    scripts/test.sh: there WebRTC works and no packet can reach another network."""
+    if os.environ.get(NETNS_ENV) != "1":
+        pytest.fail(
+            "this test needs the private network namespace: run it through scripts/test.sh "
+            "(or scripts/netns-run.sh .venv/bin/python -m pytest ...)"
+        )
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass(frozen=True)
+class LiveKitUnderTest:
+    url: str
+    api_key: str
+    api_secret: str
+    webhook_port: int  # where this LiveKit posts its webhooks: the manager under test listens here
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"livekit-server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"livekit-server did not answer on {url} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def livekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitUnderTest]:
+    require_netns()
+    webhook_port = free_port()
+    config = new_config(
+        find_binary(None),
+        port=free_port(),
+        rtc_tcp_port=free_port(),
+        rtc_udp_port=free_port(socket.SOCK_DGRAM),
+        webhook_urls=(f"http://127.0.0.1:{webhook_port}/livekit/webhook",),
+    )
+    workdir = tmp_path_factory.mktemp("livekit")
+    config_path = workdir / "livekit.yaml"
+    config_path.write_text(config.render())
+    with (workdir / "livekit.log").open("wb") as output:
+        process = subprocess.Popen(
+            [config.binary, "--config", str(config_path)], stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_until_up(f"http://127.0.0.1:{config.port}/", process, timeout=30)
+        yield LiveKitUnderTest(config.url, config.api_key, config.api_secret, webhook_port)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# Short timeouts so failure paths finish quickly; each test may override any of them.
+FAST_SETTINGS: dict[str, Any] = {
+    "join_timeout": 10.0,
+    "dispatch_timeout": 2.0,
+    "dispatch_attempts": 2,
+    "dispatch_backoff": 0.05,
+    "livekit_timeout": 3.0,
+    "shutdown_timeout": 5.0,
+}
+
+
+@pytest.fixture
+def make_settings(livekit: LiveKitUnderTest, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "port": livekit.webhook_port,
+            "livekit_url": livekit.url,
+            "livekit_api_key": livekit.api_key,
+            "livekit_api_secret": livekit.api_secret,
+            "store": "sqlite",
+            "data_dir": tmp_path / "state",
+            **FAST_SETTINGS,
+        }
+        values.update(overrides)
+        return Settings.model_validate(values)
+
+    return make
+
+
+ManagerFactory = Callable[..., "Any"]
+
+
+@pytest.fixture
+async def start_manager(
+    aiohttp_client: Any, livekit: LiveKitUnderTest, make_settings: Callable[..., Settings]
+) -> ManagerFactory:
+    """Start a manager (on the port LiveKit posts webhooks to) and return its test client."""
+
+    async def start(**overrides: Any) -> TestClient[web.Request, web.Application]:
+        app = create_app(make_settings(**overrides))
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(
+            app, server_kwargs={"port": livekit.webhook_port}
+        )
+        return client
+
+    return start
+
+
+@pytest.fixture
+async def manager(start_manager: ManagerFactory) -> TestClient[web.Request, web.Application]:
+    client: TestClient[web.Request, web.Application] = await start_manager()
+    return client
+
+
+@pytest.fixture
+async def livekit_api(livekit: LiveKitUnderTest) -> AsyncIterator[api.LiveKitAPI]:
+    client = api.LiveKitAPI(livekit.url, livekit.api_key, livekit.api_secret, failover=False)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def room_names(livekit_api: api.LiveKitAPI) -> set[str]:
+    response = await livekit_api.room.list_rooms(api.ListRoomsRequest())
+    return {room.name for room in response.rooms}

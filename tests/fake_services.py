@@ -1,0 +1,79 @@
+"""Microservices for integration tests: real HTTP servers on loopback whose join-room answers
+are scripted, for the paths where a real service cannot be made to misbehave on cue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+JoinAnswer = Callable[[dict[str, Any]], Awaitable[web.StreamResponse]]
+
+
+async def accept_without_joining(body: dict[str, Any]) -> web.StreamResponse:
+    """Says yes and never enters the room: the manager must notice through LiveKit alone."""
+    return web.json_response(
+        {
+            "success": True,
+            "message": "will join",
+            "session_id": body["session_id"],
+            "service_id": body["service_identity"],
+        }
+    )
+
+
+async def fail_with_500(body: dict[str, Any]) -> web.StreamResponse:
+    return web.json_response({"success": False, "message": "boom"}, status=500)
+
+
+class ScriptedService:
+    def __init__(self, answer: JoinAnswer) -> None:
+        self.answer = answer
+        self.join_requests: list[dict[str, Any]] = []
+        self.endpoint = ""
+
+    async def _join_room(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.join_requests.append(body)
+        return await self.answer(body)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ScriptedService]:
+        app = web.Application()
+        app.router.add_post("/join-room", self._join_room)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+async def register(client: Any, service_id: str, endpoint: str, **metadata: Any) -> None:
+    response = await client.post(
+        "/api/v1/microservices/register",
+        json={"service_id": service_id, "endpoint": endpoint, "metadata": metadata},
+    )
+    assert response.status == 200, await response.text()
+
+
+async def wait_for_status(
+    client: Any, session_id: str, wanted: str, timeout: float = 15.0
+) -> dict[str, Any]:
+    """Poll the session until it reaches `wanted`; fail with the last view if it does not."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    view: dict[str, Any] = {}
+    while asyncio.get_running_loop().time() < deadline:
+        response = await client.get(f"/api/v1/sessions/{session_id}")
+        view = await response.json()
+        if view.get("status") == wanted:
+            return view
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"session never became {wanted}; last view: {view}")

@@ -1,0 +1,270 @@
+"""The supervisor and the session actors, driven through their inboxes with LiveKit and the
+microservices replaced by in-memory fakes (the real ones are in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from session_manager.dispatch import DispatchOutcome, JoinRoomRequest
+from session_manager.errors import (
+    LiveKitUnavailable,
+    MicroserviceUnavailable,
+    SessionGone,
+    Timeout,
+)
+from session_manager.livekit.gateway import LiveKitEndpoint
+from session_manager.livekit.webhooks import (
+    ROLE_ATTRIBUTE,
+    ROLE_CLIENT,
+    ROLE_SERVICE,
+    SESSION_ATTRIBUTE,
+    RoomEvent,
+)
+from session_manager.registry import Registry
+from session_manager.session.actor import SessionDeps
+from session_manager.session.messages import CreateOptions, SessionCreated
+from session_manager.session.states import (
+    TRANSITIONS,
+    IllegalTransition,
+    SessionStatus,
+    check_transition,
+)
+from session_manager.store import MemoryStore
+from session_manager.supervisor import (
+    CreateSession,
+    GetSession,
+    LiveKitEvent,
+    NewSession,
+    Supervisor,
+)
+
+S = SessionStatus
+
+
+@dataclass
+class FakeGateway:
+    endpoint: LiveKitEndpoint = field(
+        default_factory=lambda: LiveKitEndpoint("http://lk", "ws://lk", "key", "secret")
+    )
+    rooms: set[str] = field(default_factory=set)
+    deleted: list[str] = field(default_factory=list)
+    fail_create: BaseException | None = None
+
+    async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
+        if self.fail_create is not None:
+            raise self.fail_create
+        self.rooms.add(name)
+
+    async def delete_room(self, name: str) -> None:
+        self.rooms.discard(name)
+        self.deleted.append(name)
+
+    def mint_token(self, *, identity: str, room_name: str, ttl: timedelta, **_: Any) -> str:
+        return f"token:{identity}:{room_name}:{int(ttl.total_seconds())}"
+
+
+@dataclass
+class FakeMicroservices:
+    outcomes: dict[str, DispatchOutcome] = field(default_factory=dict)
+    requests: list[JoinRoomRequest] = field(default_factory=list)
+
+    async def join_room(self, endpoint: str, request: JoinRoomRequest) -> DispatchOutcome:
+        self.requests.append(request)
+        return self.outcomes.get(request.service_identity, DispatchOutcome(True, 1))
+
+
+@dataclass
+class Harness:
+    supervisor: Supervisor
+    gateway: FakeGateway
+    microservices: FakeMicroservices
+    registry: Registry
+
+    async def create(self, **spec: Any) -> SessionCreated:
+        options = CreateOptions(
+            wait_until_ready=spec.pop("wait_until_ready", False),
+            wait_timeout=spec.pop("wait_timeout", None),
+        )
+        new = NewSession(
+            user_identity=spec.pop("user_identity", "user123"), options=options, **spec
+        )
+        result: SessionCreated = await self.supervisor.ask(lambda r: CreateSession(new, r))
+        return result
+
+    async def view(self, session_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self.supervisor.ask(lambda r: GetSession(session_id, r))
+        return result
+
+    def webhook(
+        self,
+        kind: str,
+        room: str,
+        identity: str | None = None,
+        role: str | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        attributes = {ROLE_ATTRIBUTE: role, SESSION_ATTRIBUTE: session_id} if role else {}
+        self.supervisor.tell(
+            LiveKitEvent(
+                RoomEvent(
+                    kind=kind,
+                    room_name=room,
+                    identity=identity,
+                    role=role,
+                    attributes={k: v for k, v in attributes.items() if v is not None},
+                )
+            )
+        )
+
+    async def until(self, session_id: str, status: SessionStatus) -> dict[str, Any]:
+        return await self.until_view(session_id, lambda view: view["status"] == status.value)
+
+    async def until_view(
+        self, session_id: str, condition: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any]:
+        """Views are published by the actor after it handles a message: poll for the change."""
+        for _ in range(200):
+            view = await self.view(session_id)
+            if condition(view):
+                return view
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"condition never met: {view}")
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    store = MemoryStore()
+    registry = Registry(store)
+    gateway = FakeGateway()
+    microservices = FakeMicroservices()
+    deps = SessionDeps(
+        gateway=gateway,  # type: ignore[arg-type]
+        microservices=microservices,  # type: ignore[arg-type]
+        join_timeout=5.0,
+        room_empty_timeout=60,
+        client_token_ttl=3600,
+        teardown_timeout=1.0,
+    )
+    supervisor = Supervisor(registry, store, deps)
+    await supervisor.start()
+    yield Harness(supervisor, gateway, microservices, registry)
+    await supervisor.aclose(timeout=2)
+
+
+def test_the_state_table_only_ends_through_terminating() -> None:
+    for status, targets in TRANSITIONS.items():
+        if status is not S.TERMINATING:
+            assert S.TERMINATED not in targets
+    check_transition(S.CREATING, S.WAITING_FOR_SERVICES)
+    with pytest.raises(IllegalTransition):
+        check_transition(S.TERMINATED, S.READY)
+    with pytest.raises(IllegalTransition):
+        check_transition(S.CREATING, S.ACTIVE)
+
+
+async def test_no_services_is_ready_at_once(harness: Harness) -> None:
+    created = await harness.create(required_services=[])
+    assert created.status == "Ready"
+    assert created.room_name in harness.gateway.rooms
+    assert created.access_token.startswith("token:user123:")
+
+
+async def test_services_join_then_client_makes_it_active(harness: Harness) -> None:
+    await harness.registry.register("asr", "http://asr", {"type": "ASR"})
+    await harness.registry.register("tts", "http://tts", {"type": "TTS"})
+    created = await harness.create(required_services=["asr", "tts"])
+    assert created.status == "WaitingForServices"
+    sid, room = created.session_id, created.room_name
+
+    harness.webhook("participant_joined", room, "asr", ROLE_SERVICE, sid)
+    harness.webhook("participant_joined", room, "user123", ROLE_CLIENT, sid)
+    view = await harness.until_view(sid, lambda v: v["client"]["joined"])
+    assert view["status"] == "WaitingForServices"  # tts still missing; the user waits with us
+    assert [s["state"] for s in view["services"]] == ["joined", "dispatched"]
+
+    harness.webhook("participant_joined", room, "tts", ROLE_SERVICE, sid)
+    view = await harness.until(sid, S.ACTIVE)
+    assert [s["state"] for s in view["services"]] == ["joined", "joined"]
+    assert view["ready_at"] is not None and view["active_at"] is not None
+
+
+async def test_a_participant_without_our_attributes_is_not_taken_for_a_service(
+    harness: Harness,
+) -> None:
+    await harness.registry.register("asr", "http://asr", {})
+    created = await harness.create(required_services=["asr"])
+    # Same identity, but not a token we minted for this session: no guessing from names.
+    harness.webhook("participant_joined", created.room_name, "asr")
+    harness.webhook("participant_joined", created.room_name, "asr", ROLE_SERVICE, "other-session")
+    await asyncio.sleep(0.05)
+    view = await harness.view(created.session_id)
+    assert view["status"] == "WaitingForServices"
+    assert view["services"][0]["state"] == "dispatched"
+
+
+async def test_dispatch_failure_ends_the_session_and_deletes_the_room(harness: Harness) -> None:
+    await harness.registry.register("asr", "http://asr", {})
+    harness.microservices.outcomes["asr"] = DispatchOutcome(False, 3, error="HTTP 500")
+    with pytest.raises(MicroserviceUnavailable, match="asr could not join: HTTP 500"):
+        await harness.create(required_services=["asr"])
+    [request] = harness.microservices.requests
+    view = await harness.view(request.session_id)
+    assert view["status"] == "Terminated"
+    assert view["services"][0]["state"] == "failed"
+    assert harness.gateway.deleted == [request.room_name]
+    assert harness.gateway.rooms == set()
+
+
+async def test_waiting_caller_gets_timeout_and_session_is_cleaned_up(harness: Harness) -> None:
+    await harness.registry.register("asr", "http://asr", {})
+    with pytest.raises(Timeout, match="Timeout waiting for microservices to join"):
+        await harness.create(required_services=["asr"], wait_until_ready=True, wait_timeout=0.1)
+    [request] = harness.microservices.requests
+    view = await harness.view(request.session_id)
+    assert view["status"] == "Terminated"
+    assert view["reason"] == "Timeout waiting for microservices to join"
+    assert harness.gateway.rooms == set()
+
+
+async def test_livekit_down_fails_the_create_and_terminates(harness: Harness) -> None:
+    harness.gateway.fail_create = LiveKitUnavailable("LiveKit is unreachable")
+    with pytest.raises(LiveKitUnavailable):
+        await harness.create()
+
+
+async def test_a_crashing_actor_ends_its_session_and_the_rest_carry_on(harness: Harness) -> None:
+    healthy = await harness.create(required_services=[])
+    harness.gateway.fail_create = RuntimeError("boom")
+    with pytest.raises(SessionGone, match="internal error: RuntimeError: boom"):
+        await harness.create(required_services=[])
+    harness.gateway.fail_create = None
+
+    # The supervisor is still taking commands, the other session is untouched.
+    again = await harness.create(required_services=[])
+    assert again.status == "Ready"
+    assert (await harness.view(healthy.session_id))["status"] == "Ready"
+
+
+async def test_room_finished_terminates_with_reason(harness: Harness) -> None:
+    created = await harness.create(required_services=[])
+    harness.webhook("room_finished", created.room_name)
+    view = await harness.until(created.session_id, S.TERMINATED)
+    assert view["reason"] == "LiveKit room finished"
+
+
+async def test_shutdown_terminates_live_sessions(harness: Harness) -> None:
+    created = await harness.create(required_services=[])
+    await harness.supervisor.aclose(timeout=2)
+    assert created.room_name in harness.gateway.deleted
+
+
+async def test_token_ttl_covers_duration_limit(harness: Harness) -> None:
+    created = await harness.create(required_services=[], metadata={"duration_limit": "36000"})
+    ttl_seconds = int(created.access_token.rsplit(":", 1)[1])
+    assert ttl_seconds >= 36000
