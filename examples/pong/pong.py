@@ -1,5 +1,6 @@
 """Pong microservice: in every session it joins, answers each b"ping" data packet with b"pong",
-sent reliably to the sender only. Written with session_manager.sdk alone.
+sent reliably to the sender (to the room while LiveKit has not yet announced the sender).
+Written with session_manager.sdk alone.
 
 Run from the repository root with `python -m examples.pong` or `python examples/pong/pong.py`.
 """
@@ -45,19 +46,23 @@ class PongHandler(SessionHandler):
 
     async def answer(self, room: rtc.Room, packet: rtc.DataPacket) -> bool:
         """Reply b"pong" to the sender of a b"ping" packet; True when a reply was sent."""
-        if packet.data != PING or packet.participant is None:
-            return False  # not a ping, or sent by a server SDK with no one to answer
-        sender = packet.participant.identity
+        if packet.data != PING:
+            return False
+        # LiveKit announces a participant that publishes no track to the others only every few
+        # seconds; until then its packets arrive with no sender. Rather than drop those pings,
+        # answer them to the whole room: the sender is in it, and nobody else asked.
+        sender = packet.participant.identity if packet.participant is not None else None
+        destinations = [sender] if sender else []
         try:
             # Same topic as the ping, so a client that filters by topic sees the answer.
             await room.local_participant.publish_data(
-                PONG, reliable=True, destination_identities=[sender], topic=packet.topic or ""
+                PONG, reliable=True, destination_identities=destinations, topic=packet.topic or ""
             )
         except Exception:
             # One failed reply (e.g. the sender just left) must not end the session's loop.
-            logger.exception("pong reply failed", extra={"destination": sender})
+            logger.exception("pong reply failed", extra={"destination": sender or "room"})
             return False
-        logger.debug("answered ping", extra={"destination": sender})
+        logger.debug("answered ping", extra={"destination": sender or "room"})
         return True
 
     async def on_leave(self, session: JoinedSession, reason: str) -> None:
