@@ -77,6 +77,22 @@ class Settings(BaseModel):
     dispatch_backoff: float = Field(
         0.2, ge=0, description="seconds before the first join-room retry (doubles each time)"
     )
+    max_redispatch: int = Field(
+        3, ge=0, le=100, description="redispatches per service slot before the session ends"
+    )
+    client_join_timeout: float = Field(
+        300.0, gt=0, description="seconds for the user to join before the session ends"
+    )
+    client_reconnect_grace: float = Field(
+        60.0, gt=0, description="seconds a user who left may take to come back"
+    )
+    health_interval: float = Field(10.0, gt=0, description="seconds between health checks")
+    health_timeout: float = Field(2.0, gt=0, description="seconds for one health check")
+    unhealthy_after: int = Field(3, ge=1, description="failed checks in a row to be Unhealthy")
+    healthy_after: int = Field(2, ge=1, description="good checks in a row to be Healthy again")
+    idempotency_ttl: float = Field(
+        86400.0, gt=0, description="seconds an Idempotency-Key is remembered"
+    )
     room_empty_timeout: int = Field(
         300, ge=1, description="seconds LiveKit keeps a room nobody joined"
     )

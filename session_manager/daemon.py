@@ -20,6 +20,7 @@ from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, mak
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
 from session_manager.livekit.webhooks import WebhookVerifier
 from session_manager.registry import Registry
+from session_manager.registry.health import HealthMonitor
 from session_manager.session.actor import SessionDeps
 from session_manager.store import MemoryStore, SqliteStore, Store
 from session_manager.supervisor import Supervisor
@@ -52,6 +53,7 @@ class Daemon:
         self.gateway: LiveKitGateway
         self.webhooks: WebhookVerifier
         self.supervisor: Supervisor
+        self.health: HealthMonitor
         self.livekit_server: ManagedLiveKitServer | None = None
 
     async def start(self) -> None:
@@ -73,7 +75,11 @@ class Daemon:
         await self.store.open()
         stage("store", self.store.aclose)
 
-        self.registry = Registry(self.store)
+        self.registry = Registry(
+            self.store,
+            unhealthy_after=settings.unhealthy_after,
+            healthy_after=settings.healthy_after,
+        )
         await self.registry.load()
 
         endpoint = await self._livekit_endpoint()
@@ -95,14 +101,29 @@ class Daemon:
         deps = SessionDeps(
             gateway=self.gateway,
             microservices=microservices,
+            registry=self.registry,
             join_timeout=settings.join_timeout,
             room_empty_timeout=settings.room_empty_timeout,
             client_token_ttl=settings.client_token_ttl,
             teardown_timeout=settings.livekit_timeout,
+            max_redispatch=settings.max_redispatch,
+            client_join_timeout=settings.client_join_timeout,
+            client_reconnect_grace=settings.client_reconnect_grace,
         )
-        self.supervisor = Supervisor(self.registry, self.store, deps)
+        self.supervisor = Supervisor(
+            self.registry, self.store, deps, idempotency_ttl=settings.idempotency_ttl
+        )
         await self.supervisor.start()
         stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
+
+        self.health = HealthMonitor(
+            self.registry,
+            microservices,
+            interval=settings.health_interval,
+            timeout=settings.health_timeout,
+        )
+        await self.health.start()
+        stage("health monitor", self.health.aclose)
         log.info(
             "session manager ready",
             extra={

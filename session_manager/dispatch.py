@@ -46,6 +46,9 @@ class DispatchOutcome:
     error: str | None = None
     message: str | None = None
     elapsed_ms: float = 0.0
+    # The service answered but said no (HTTP 409 or 503, or success: false): another instance
+    # may be tried at once, without back-off.
+    declined: bool = False
 
 
 class _Retryable(Exception):
@@ -53,7 +56,14 @@ class _Retryable(Exception):
 
 
 class _Final(Exception):
-    """A failure another attempt will not fix: a 4xx, a refusal, an answer we cannot read."""
+    """A failure another attempt will not fix: a 4xx, an answer we cannot read."""
+
+
+class _Declined(Exception):
+    """The service refused this session (busy, draining, …): ask another instance instead."""
+
+
+DECLINE_STATUSES = frozenset({409, 503})
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,10 @@ class MicroserviceClient:
         for attempt in range(1, self._policy.attempts + 1):
             try:
                 message = await self._post_join(endpoint, request)
+            except _Declined as exc:
+                return DispatchOutcome(
+                    False, attempt, error=str(exc), elapsed_ms=_ms_since(started), declined=True
+                )
             except _Final as exc:
                 error = str(exc)
                 break
@@ -117,6 +131,8 @@ class MicroserviceClient:
         except aiohttp.ClientError as exc:
             raise _Retryable(f"join-room failed: {type(exc).__name__}: {exc}") from None
 
+        if status in DECLINE_STATUSES:
+            raise _Declined(f"service declined join-room: HTTP {status}{_reason(raw)}")
         if status >= 500:
             raise _Retryable(f"join-room answered HTTP {status}{_reason(raw)}")
         if status >= 300:
@@ -128,11 +144,45 @@ class MicroserviceClient:
         if not isinstance(answer, dict):
             raise _Final("join-room answered with JSON that is not an object")
         if answer.get("success") is not True:
-            raise _Final(
+            raise _Declined(
                 f"service declined join-room: {answer.get('message') or 'no reason given'}"
             )
         message = answer.get("message")
         return message if isinstance(message, str) else ""
+
+    async def leave_room(self, endpoint: str, session_id: str, room_name: str) -> str | None:
+        """Ask a service to leave a room; one attempt, best effort. Returns the error, if any."""
+        url = f"{endpoint.rstrip('/')}/leave-room"
+        body = orjson.dumps({"session_id": session_id, "room_name": room_name})
+        try:
+            async with self._http.post(
+                url,
+                data=body,
+                headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self._policy.timeout),
+            ) as response:
+                await response.read()
+                return (
+                    None if response.status < 300 else f"leave-room answered HTTP {response.status}"
+                )
+        except TimeoutError:
+            return f"leave-room timed out after {self._policy.timeout}s"
+        except aiohttp.ClientError as exc:
+            return f"leave-room failed: {type(exc).__name__}: {exc}"
+
+    async def check_health(self, endpoint: str, timeout: float) -> str | None:
+        """`GET {endpoint}/health`; None when it answers 2xx, else what went wrong."""
+        url = f"{endpoint.rstrip('/')}/health"
+        try:
+            async with self._http.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                await response.read()
+                return None if response.status < 300 else f"health answered HTTP {response.status}"
+        except TimeoutError:
+            return f"health check timed out after {timeout}s"
+        except aiohttp.ClientError as exc:
+            return f"health check failed: {type(exc).__name__}: {exc}"
 
 
 def _reason(raw: bytes) -> str:

@@ -62,3 +62,15 @@ class SessionGone(ManagerError):
 
     status = 500
     code = "SessionTerminated"
+
+
+class Conflict(ManagerError):
+    status = 409
+    code = "Conflict"
+
+
+class NoCapacity(ManagerError):
+    """No registered instance can take the session: all unhealthy, draining or full."""
+
+    status = 503
+    code = "NoCapacity"

@@ -2,25 +2,36 @@
 per session, routes LiveKit webhooks to the actor that owns the room, and reaps actors that end.
 
 Sessions are OTP `temporary` children: never restarted; when one ends (or crashes) it is cleaned
-up and its final view stays readable from the store.
+up, its services' capacity is given back, and its final view stays readable from the store.
+The supervisor is also the registry's only caller for changes, so registrations and the load
+counted against them change one command at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from session_manager.errors import InvalidRequest, ManagerError, NotFound, ShuttingDown
+from session_manager.errors import (
+    Conflict,
+    InvalidRequest,
+    ManagerError,
+    NotFound,
+    ShuttingDown,
+)
 from session_manager.livekit.webhooks import RoomEvent
-from session_manager.registry import Registry
+from session_manager.registry import Registry, ServiceRecord
 from session_manager.session.actor import SessionActor, SessionDeps
 from session_manager.session.messages import (
+    AddService,
     CreateOptions,
+    RemoveService,
     RoomEventArrived,
     SessionCreated,
     Start,
@@ -28,11 +39,12 @@ from session_manager.session.messages import (
     settle,
 )
 from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
-from session_manager.store.base import Store
+from session_manager.store.base import SessionCursor, Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+TERMINATED_BY_REQUEST = "terminated by request"
 
 
 @dataclass(frozen=True)
@@ -45,10 +57,15 @@ class NewSession:
     options: CreateOptions = field(default_factory=CreateOptions)
 
 
+# commands -------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class CreateSession:
     spec: NewSession
     reply: asyncio.Future[SessionCreated]
+    idempotency_key: str | None = None
+    body_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,11 +75,73 @@ class GetSession:
 
 
 @dataclass(frozen=True)
+class ListSessions:
+    status: str | None
+    user_identity: str | None
+    limit: int
+    before: SessionCursor | None
+    reply: asyncio.Future[list[JsonDict]]
+
+
+@dataclass(frozen=True)
+class DeleteSession:
+    session_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class AddSessionService:
+    session_id: str
+    requirement: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class RemoveSessionService:
+    session_id: str
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
 class RegisterService:
     service_id: str
     endpoint: str
     metadata: JsonDict
     reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class UpdateService:
+    service_id: str
+    endpoint: str | None
+    metadata: JsonDict | None
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class DrainService:
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class DeregisterService:
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class GetService:
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class ListServices:
+    service_type: str | None
+    status: str | None
+    reply: asyncio.Future[list[JsonDict]]
 
 
 @dataclass(frozen=True)
@@ -78,7 +157,29 @@ class ActorExited:
     task: asyncio.Task[None]
 
 
-SupervisorMessage = CreateSession | GetSession | RegisterService | LiveKitEvent | ActorExited
+@dataclass(frozen=True)
+class IdempotentCreateFinished:
+    key: str
+    outcome: asyncio.Future[SessionCreated]
+
+
+SupervisorMessage = (
+    CreateSession
+    | GetSession
+    | ListSessions
+    | DeleteSession
+    | AddSessionService
+    | RemoveSessionService
+    | RegisterService
+    | UpdateService
+    | DrainService
+    | DeregisterService
+    | GetService
+    | ListServices
+    | LiveKitEvent
+    | ActorExited
+    | IdempotentCreateFinished
+)
 
 
 @dataclass
@@ -87,15 +188,32 @@ class _Child:
     task: asyncio.Task[None]
 
 
+@dataclass
+class _PendingCreate:
+    """A create under an Idempotency-Key still in flight; retries wait for its outcome."""
+
+    body_hash: str
+    waiters: list[asyncio.Future[SessionCreated]]
+
+
 class Supervisor:
-    def __init__(self, registry: Registry, store: Store, deps: SessionDeps) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        deps: SessionDeps,
+        *,
+        idempotency_ttl: float = 86400.0,
+    ) -> None:
         self._registry = registry
         self._store = store
         self._deps = deps
+        self._idempotency_ttl = idempotency_ttl
         self._inbox: asyncio.Queue[SupervisorMessage] = asyncio.Queue()
         self._children: dict[str, _Child] = {}
         self._rooms: dict[str, str] = {}  # room name -> session id, for routing webhooks
         self._views: dict[str, JsonDict] = {}  # latest view of each live session
+        self._pending_creates: dict[str, _PendingCreate] = {}
         self._accepting = True
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -162,60 +280,184 @@ class Supervisor:
             message = await self._inbox.get()
             try:
                 await self._handle(message)
-            except ManagerError as exc:
-                settle(getattr(message, "reply", None), error=exc)
             except Exception as exc:
-                log.exception(
-                    "supervisor failed to handle a message",
-                    extra={"message": type(message).__name__},
-                )
+                if not isinstance(exc, ManagerError):
+                    log.exception(
+                        "supervisor failed to handle a message",
+                        extra={"message": type(message).__name__},
+                    )
                 settle(getattr(message, "reply", None), error=exc)
 
     async def _handle(self, message: SupervisorMessage) -> None:
         match message:
             case CreateSession():
-                self._create_session(message)
+                await self._create_session(message)
             case GetSession(session_id=session_id, reply=reply):
-                view = self._views.get(session_id) or await self._store.get_session(session_id)
-                if view is None:
-                    raise NotFound(f"Session {session_id} not found")
-                settle(reply, view)
-            case RegisterService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
-                record = await self._registry.register(sid, endpoint, meta)
-                log.info("microservice registered", extra={"service_id": sid})
-                settle(reply, record.view())
+                settle(reply, await self._view(session_id))
+            case ListSessions():
+                views = await self._store.list_sessions(
+                    status=message.status,
+                    user_identity=message.user_identity,
+                    limit=message.limit,
+                    before=message.before,
+                )
+                settle(message.reply, views)
+            case DeleteSession(session_id=session_id, reply=reply):
+                child = self._children.get(session_id)
+                if child is not None:
+                    child.actor.tell(Terminate(TERMINATED_BY_REQUEST, reply))
+                else:
+                    settle(reply, await self._view(session_id))  # already ended: idempotent
+            case AddSessionService(session_id=session_id, requirement=requirement, reply=reply):
+                (await self._running_actor(session_id)).tell(AddService(requirement, reply))
+            case RemoveSessionService(session_id=session_id, service_id=service_id, reply=reply):
+                (await self._running_actor(session_id)).tell(RemoveService(service_id, reply))
             case LiveKitEvent(event=event):
                 self._route(event)
             case ActorExited(session_id=session_id, task=task):
                 self._reap(session_id, task)
+            case IdempotentCreateFinished(key=key, outcome=outcome):
+                await self._finish_idempotent_create(key, outcome)
+            case _:
+                await self._handle_registry(message)
 
-    def _create_session(self, message: CreateSession) -> None:
+    async def _handle_registry(self, message: SupervisorMessage) -> None:
+        registry = self._registry
+        match message:
+            case RegisterService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
+                record = await registry.register(sid, endpoint, meta)
+                log.info("microservice registered", extra={"service_id": sid})
+                settle(reply, record.view())
+            case UpdateService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
+                record = await registry.update(sid, endpoint=endpoint, metadata=meta)
+                log.info("microservice updated", extra={"service_id": sid})
+                settle(reply, record.view())
+            case DrainService(service_id=sid, reply=reply):
+                record = await registry.set_draining(sid)
+                log.info("microservice draining", extra={"service_id": sid})
+                settle(reply, record.view())
+            case DeregisterService(service_id=sid, reply=reply):
+                record = await registry.deregister(sid)
+                log.info("microservice deregistered", extra={"service_id": sid})
+                settle(reply, record.view())
+            case GetService(service_id=sid, reply=reply):
+                settle(reply, registry.get(sid).view())
+            case ListServices(service_type=service_type, status=status, reply=reply):
+                records = registry.listing(service_type=service_type, status=status)
+                settle(reply, [record.view() for record in records])
+
+    # sessions --------------------------------------------------------------------------------
+
+    async def _view(self, session_id: str) -> JsonDict:
+        view = self._views.get(session_id) or await self._store.get_session(session_id)
+        if view is None:
+            raise NotFound(f"Session {session_id} not found")
+        return view
+
+    async def _running_actor(self, session_id: str) -> SessionActor:
+        child = self._children.get(session_id)
+        if child is None:
+            await self._view(session_id)  # NotFound when it never existed
+            raise Conflict(f"Session {session_id} has ended")
+        return child.actor
+
+    async def _create_session(self, message: CreateSession) -> None:
         if not self._accepting:
             raise ShuttingDown("the session manager is shutting down")
-        spec = message.spec
-        services = self._registry.resolve(spec.required_services)
+        key = message.idempotency_key
+        if key is None:
+            self._spawn_session(message.spec, message.reply)
+            return
+        pending = self._pending_creates.get(key)
+        if pending is not None:
+            self._check_same_body(key, pending.body_hash, message.body_hash)
+            pending.waiters.append(message.reply)
+            return
+        stored = await self._store.get_idempotency(key)
+        if stored is not None and time.time() - stored["created_at"] < self._idempotency_ttl:
+            self._check_same_body(key, stored["body_hash"], message.body_hash)
+            settle(message.reply, SessionCreated(**stored["response"]))
+            return
+        outcome: asyncio.Future[SessionCreated] = asyncio.get_running_loop().create_future()
+        self._spawn_session(message.spec, outcome)
+        self._pending_creates[key] = _PendingCreate(message.body_hash, [message.reply])
+        outcome.add_done_callback(lambda done: self.tell(IdempotentCreateFinished(key, done)))
+
+    @staticmethod
+    def _check_same_body(key: str, known: str, given: str) -> None:
+        if known != given:
+            raise Conflict(f"Idempotency-Key {key} was used with a different request body")
+
+    async def _finish_idempotent_create(
+        self, key: str, outcome: asyncio.Future[SessionCreated]
+    ) -> None:
+        pending = self._pending_creates.pop(key)
+        error = outcome.exception()
+        if error is None:
+            created = outcome.result()
+            # The answer includes the client's token so that a retry gets the same answer.
+            entry = {
+                "body_hash": pending.body_hash,
+                "created_at": time.time(),
+                "response": created.__dict__,
+            }
+            try:
+                await self._store.save_idempotency(key, entry)
+            except Exception:
+                log.exception("idempotency key could not be stored", extra={"key": key})
+        for waiter in pending.waiters:
+            settle(waiter, None if error else outcome.result(), error)
+
+    def _spawn_session(self, spec: NewSession, reply: asyncio.Future[SessionCreated]) -> None:
         session_id = str(uuid.uuid4())
         room_name = spec.room_name or f"room-{session_id}"
         if room_name in self._rooms:
             raise InvalidRequest(f"Room name {room_name} is in use by another session")
-        record = SessionRecord(
+        chosen = self._choose_services(spec.required_services)
+        for record in chosen.values():
+            self._registry.acquire(record.service_id, session_id)
+        session = SessionRecord(
             session_id=session_id,
             room_name=room_name,
             user_identity=spec.user_identity,
             user_name=spec.user_name,
             metadata=spec.metadata,
-            services={s.service_id: ServiceSlot(s.service_id, s.endpoint) for s in services},
+            services={
+                requirement: ServiceSlot(
+                    requirement, record.service_id, record.endpoint, record.service_type
+                )
+                for requirement, record in chosen.items()
+            },
         )
-        actor = SessionActor(record, self._deps, self._publish)
+        actor = SessionActor(session, self._deps, self._publish)
         task = asyncio.create_task(actor.run(), name=f"session-{session_id}")
         task.add_done_callback(lambda done: self.tell(ActorExited(session_id, done)))
         self._children[session_id] = _Child(actor, task)
         self._rooms[room_name] = session_id
         log.info(
             "session created",
-            extra={"session_id": session_id, "room_name": room_name, "services": len(services)},
+            extra={"session_id": session_id, "room_name": room_name, "services": len(chosen)},
         )
-        actor.tell(Start(spec.options, message.reply))
+        actor.tell(Start(spec.options, reply))
+
+    def _choose_services(self, required: list[str] | None) -> dict[str, ServiceRecord]:
+        """Pick an instance for each requirement, or refuse the whole session (nothing is
+        reserved unless everything can be)."""
+        if required is None:
+            return {record.service_id: record for record in self._registry.defaults()}
+        unknown = [
+            r for r in required if not r.startswith("type:") and self._registry.find(r) is None
+        ]
+        if unknown:
+            raise InvalidRequest(f"Required services not registered: {', '.join(unknown)}")
+        chosen: dict[str, ServiceRecord] = {}
+        for requirement in dict.fromkeys(required):
+            taken = {record.service_id for record in chosen.values()}
+            record = self._registry.choose(requirement, exclude=taken)
+            if record.service_id in taken:
+                raise InvalidRequest(f"{record.service_id} is required twice")
+            chosen[requirement] = record
+        return chosen
 
     def _publish(self, view: JsonDict) -> None:
         """Called by session actors after each change: the only writer of a session's view."""
@@ -239,6 +481,7 @@ class Supervisor:
         if child is not None:
             self._rooms.pop(child.actor.record.room_name, None)
         self._views.pop(session_id, None)
+        self._registry.release_session(session_id)
         if not task.cancelled() and task.exception() is not None:
             log.error(
                 "session actor ended with an error",

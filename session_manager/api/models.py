@@ -19,6 +19,13 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+def absolute_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    return value.rstrip("/")
+
+
 class RegisterServiceRequest(_Request):
     service_id: ServiceId
     endpoint: str
@@ -27,10 +34,7 @@ class RegisterServiceRequest(_Request):
     @field_validator("endpoint")
     @classmethod
     def _absolute_http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an absolute http:// or https:// URL")
-        return value.rstrip("/")
+        return absolute_http_url(value)
 
 
 class RegisterServiceResponse(BaseModel):
@@ -76,3 +80,18 @@ class HealthResponse(BaseModel):
     status: str = "healthy"
     timestamp: str
     version: str
+
+
+class UpdateServiceRequest(_Request):
+    endpoint: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        return None if value is None else absolute_http_url(value)
+
+
+class AddServiceRequest(_Request):
+    # A service id, or "type:X" for the best available instance of type X.
+    service: ServiceId

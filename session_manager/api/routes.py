@@ -3,7 +3,10 @@ touches a session's state. Paths, fields and status codes follow the user's API 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+from collections.abc import Mapping
 
 import orjson
 from aiohttp import web
@@ -11,11 +14,13 @@ from pydantic import BaseModel
 
 from session_manager import __version__
 from session_manager.api.models import (
+    AddServiceRequest,
     CreateSessionRequest,
     CreateSessionResponse,
     HealthResponse,
     RegisterServiceRequest,
     RegisterServiceResponse,
+    UpdateServiceRequest,
 )
 from session_manager.clock import now_rfc3339
 from session_manager.daemon import WEBHOOK_PATH, Daemon
@@ -23,13 +28,27 @@ from session_manager.errors import InvalidRequest
 from session_manager.livekit.webhooks import WebhookRejected
 from session_manager.session.messages import CreateOptions, SessionCreated
 from session_manager.session.record import JsonDict
+from session_manager.session.states import SessionStatus
 from session_manager.supervisor import (
+    AddSessionService,
     CreateSession,
+    DeleteSession,
+    DeregisterService,
+    DrainService,
+    GetService,
     GetSession,
+    ListServices,
+    ListSessions,
     LiveKitEvent,
     NewSession,
     RegisterService,
+    RemoveSessionService,
+    Supervisor,
+    UpdateService,
 )
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +61,40 @@ def json_response(body: BaseModel | dict[str, object], status: int = 200) -> web
     return web.Response(
         status=status, body=orjson.dumps(payload), content_type="application/json", charset="utf-8"
     )
+
+
+def _supervisor(request: web.Request) -> Supervisor:
+    return request.app[DAEMON].supervisor
+
+
+def _int_param(query: Mapping[str, str], name: str, *, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name}: must be a whole number") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name}: must be between {low} and {high}")
+    return value
+
+
+def encode_cursor(view: JsonDict) -> str:
+    raw = orjson.dumps([view["created_at"], view["session_id"]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        created_at, session_id = orjson.loads(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        )
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise InvalidRequest("cursor: not a cursor this API returned") from None
+    if not isinstance(created_at, str) or not isinstance(session_id, str):
+        raise InvalidRequest("cursor: not a cursor this API returned")
+    return created_at, session_id
 
 
 async def _body(request: web.Request) -> bytes:
@@ -59,18 +112,25 @@ async def health(request: web.Request) -> web.Response:
 @routes.post("/api/v1/microservices/register")
 async def register_microservice(request: web.Request) -> web.Response:
     body = RegisterServiceRequest.model_validate_json(await _body(request))
-    supervisor = request.app[DAEMON].supervisor
-    await supervisor.ask(
+    await _supervisor(request).ask(
         lambda reply: RegisterService(body.service_id, body.endpoint, body.metadata, reply)
     )
     return json_response(RegisterServiceResponse(service_id=body.service_id))
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 255
+
+
 @routes.post("/api/v1/create-session")
+@routes.post("/api/v1/sessions")  # the REST spelling of the same thing
 async def create_session(request: web.Request) -> web.Response:
     body = CreateSessionRequest.model_validate_json(await _body(request))
     if body.timeout_secs is not None and not body.wait_until_ready:
         raise InvalidRequest("timeout_secs: only meaningful with wait_until_ready: true")
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
     spec = NewSession(
         user_identity=body.user_identity,
         user_name=body.user_name,
@@ -82,8 +142,12 @@ async def create_session(request: web.Request) -> web.Response:
             wait_until_ready=body.wait_until_ready, wait_timeout=body.timeout_secs
         ),
     )
-    created: SessionCreated = await request.app[DAEMON].supervisor.ask(
-        lambda reply: CreateSession(spec, reply)
+    # "The same body" means the same request once parsed: key order and spacing do not count.
+    body_hash = hashlib.sha256(
+        orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
+    created: SessionCreated = await _supervisor(request).ask(
+        lambda reply: CreateSession(spec, reply, key, body_hash)
     )
     return json_response(
         CreateSessionResponse(
@@ -96,12 +160,94 @@ async def create_session(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/api/v1/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    query = request.query
+    status = query.get("status")
+    if status is not None and status not in {s.value for s in SessionStatus}:
+        raise InvalidRequest(f"status: must be one of {', '.join(s.value for s in SessionStatus)}")
+    limit = _int_param(query, "limit", default=DEFAULT_PAGE, low=1, high=MAX_PAGE)
+    before = decode_cursor(query["cursor"]) if query.get("cursor") else None
+    views: list[JsonDict] = await _supervisor(request).ask(
+        lambda reply: ListSessions(status, query.get("user_identity"), limit + 1, before, reply)
+    )
+    page, more = views[:limit], len(views) > limit
+    next_cursor = encode_cursor(page[-1]) if more else None
+    return json_response({"sessions": page, "next_cursor": next_cursor})
+
+
 @routes.get("/api/v1/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
-    view: JsonDict = await request.app[DAEMON].supervisor.ask(
-        lambda reply: GetSession(session_id, reply)
+    view: JsonDict = await _supervisor(request).ask(lambda reply: GetSession(session_id, reply))
+    return json_response(view)
+
+
+@routes.delete("/api/v1/sessions/{session_id}")
+async def delete_session(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    view: JsonDict = await _supervisor(request).ask(lambda reply: DeleteSession(session_id, reply))
+    return json_response(view)
+
+
+@routes.post("/api/v1/sessions/{session_id}/services")
+async def add_session_service(request: web.Request) -> web.Response:
+    session_id = request.match_info["session_id"]
+    body = AddServiceRequest.model_validate_json(await _body(request))
+    view: JsonDict = await _supervisor(request).ask(
+        lambda reply: AddSessionService(session_id, body.service, reply)
     )
+    return json_response(view)
+
+
+@routes.delete("/api/v1/sessions/{session_id}/services/{service_id}")
+async def remove_session_service(request: web.Request) -> web.Response:
+    session_id, service_id = request.match_info["session_id"], request.match_info["service_id"]
+    view: JsonDict = await _supervisor(request).ask(
+        lambda reply: RemoveSessionService(session_id, service_id, reply)
+    )
+    return json_response(view)
+
+
+@routes.get("/api/v1/microservices")
+async def list_microservices(request: web.Request) -> web.Response:
+    service_type, status = request.query.get("type"), request.query.get("status")
+    views: list[JsonDict] = await _supervisor(request).ask(
+        lambda reply: ListServices(service_type, status, reply)
+    )
+    return json_response({"microservices": views})
+
+
+@routes.get("/api/v1/microservices/{service_id}")
+async def get_microservice(request: web.Request) -> web.Response:
+    service_id = request.match_info["service_id"]
+    view: JsonDict = await _supervisor(request).ask(lambda reply: GetService(service_id, reply))
+    return json_response(view)
+
+
+@routes.put("/api/v1/microservices/{service_id}")
+async def update_microservice(request: web.Request) -> web.Response:
+    service_id = request.match_info["service_id"]
+    body = UpdateServiceRequest.model_validate_json(await _body(request))
+    view: JsonDict = await _supervisor(request).ask(
+        lambda reply: UpdateService(service_id, body.endpoint, body.metadata, reply)
+    )
+    return json_response(view)
+
+
+@routes.delete("/api/v1/microservices/{service_id}")
+async def deregister_microservice(request: web.Request) -> web.Response:
+    service_id = request.match_info["service_id"]
+    await _supervisor(request).ask(lambda reply: DeregisterService(service_id, reply))
+    return json_response(
+        {"success": True, "service_id": service_id, "message": "Microservice deregistered"}
+    )
+
+
+@routes.post("/api/v1/microservices/{service_id}/drain")
+async def drain_microservice(request: web.Request) -> web.Response:
+    service_id = request.match_info["service_id"]
+    view: JsonDict = await _supervisor(request).ask(lambda reply: DrainService(service_id, reply))
     return json_response(view)
 
 

@@ -1,17 +1,29 @@
-"""Registered microservices. Changed only through Registry's own methods, which persist each
-change before they return, so an acknowledged registration survives a restart."""
+"""Registered microservices: where to reach them, whether they are healthy, how loaded they are.
+
+Changed only through Registry's own methods. Registration changes are persisted before they
+return, so an acknowledged change survives a restart; health and load are live facts, rebuilt
+after a restart by the health monitor and by new sessions.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from session_manager.clock import rfc3339, utc_now
-from session_manager.errors import InvalidRequest, NotFound
+from session_manager.errors import InvalidRequest, NoCapacity, NotFound
 from session_manager.store.base import JsonDict, Store
 
-HEALTHY = "Healthy"
+TYPE_PREFIX = "type:"
+
+
+class ServiceStatus(StrEnum):
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
 
 
 @dataclass
@@ -20,43 +32,101 @@ class ServiceRecord:
     endpoint: str
     metadata: dict[str, Any] = field(default_factory=dict)
     registered_at: datetime = field(default_factory=utc_now)
-    status: str = HEALTHY
+    updated_at: datetime = field(default_factory=utc_now)
+    draining: bool = False
+    status: ServiceStatus = ServiceStatus.HEALTHY
+    failures_in_a_row: int = 0
+    successes_in_a_row: int = 0
+    last_error: str | None = None
+    last_check_at: datetime | None = None
+    sessions: set[str] = field(default_factory=set)  # sessions it is dispatched into
+    last_chosen: float = 0.0  # monotonic; ties in free capacity go to the least recently used
 
     @property
     def service_type(self) -> str | None:
         value = self.metadata.get("type")
-        return value if isinstance(value, str) else None
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def max_sessions(self) -> int | None:
+        value = self.metadata.get("max_sessions")
+        if isinstance(value, bool):
+            return None
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def free_capacity(self) -> float:
+        limit = self.max_sessions
+        return float("inf") if limit is None else float(limit - len(self.sessions))
+
+    @property
+    def available(self) -> bool:
+        """May be chosen for a new session: healthy, not draining, not full."""
+        return self.status is ServiceStatus.HEALTHY and not self.draining and self.free_capacity > 0
 
     def view(self) -> JsonDict:
         return {
             "service_id": self.service_id,
             "endpoint": self.endpoint,
             "metadata": self.metadata,
-            "status": self.status,
+            "status": self.status.value,
+            "draining": self.draining,
+            "sessions": len(self.sessions),
+            "max_sessions": self.max_sessions,
+            "last_error": self.last_error,
+            "last_check_at": rfc3339(self.last_check_at) if self.last_check_at else None,
             "registered_at": rfc3339(self.registered_at),
+            "updated_at": rfc3339(self.updated_at),
+        }
+
+    def stored(self) -> JsonDict:
+        return {
+            "service_id": self.service_id,
+            "endpoint": self.endpoint,
+            "metadata": self.metadata,
+            "draining": self.draining,
+            "registered_at": rfc3339(self.registered_at),
+            "updated_at": rfc3339(self.updated_at),
         }
 
     @classmethod
-    def from_view(cls, view: JsonDict) -> ServiceRecord:
+    def from_stored(cls, stored: JsonDict) -> ServiceRecord:
+        registered = datetime.fromisoformat(stored["registered_at"])
         return cls(
-            service_id=view["service_id"],
-            endpoint=view["endpoint"],
-            metadata=dict(view.get("metadata") or {}),
-            registered_at=datetime.fromisoformat(view["registered_at"]),
-            status=view.get("status", HEALTHY),
+            service_id=stored["service_id"],
+            endpoint=stored["endpoint"],
+            metadata=dict(stored.get("metadata") or {}),
+            registered_at=registered,
+            updated_at=datetime.fromisoformat(stored.get("updated_at") or stored["registered_at"]),
+            draining=bool(stored.get("draining", False)),
         )
 
 
+@dataclass(frozen=True)
+class HealthChange:
+    service_id: str
+    old: ServiceStatus
+    new: ServiceStatus
+    error: str | None
+
+
 class Registry:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, unhealthy_after: int = 3, healthy_after: int = 2) -> None:
         self._store = store
         self._services: dict[str, ServiceRecord] = {}
+        self._unhealthy_after = unhealthy_after
+        self._healthy_after = healthy_after
 
     async def load(self) -> None:
         self._services = {
             record.service_id: record
-            for record in map(ServiceRecord.from_view, await self._store.load_services())
+            for record in map(ServiceRecord.from_stored, await self._store.load_services())
         }
+
+    # registrations (persisted) ---------------------------------------------------------------
 
     async def register(
         self, service_id: str, endpoint: str, metadata: dict[str, Any]
@@ -68,11 +138,44 @@ class Registry:
         # if the write fails, so nothing half-registered stays behind.
         self._services[service_id] = record
         try:
-            await self._store.save_service(record.view())
+            await self._store.save_service(record.stored())
         except BaseException:
             self._services.pop(service_id, None)
             raise
         return record
+
+    async def update(
+        self, service_id: str, *, endpoint: str | None, metadata: dict[str, Any] | None
+    ) -> ServiceRecord:
+        record = self.get(service_id)
+        old = (record.endpoint, record.metadata, record.updated_at)
+        if endpoint is not None:
+            record.endpoint = endpoint
+        if metadata is not None:
+            record.metadata = metadata
+        record.updated_at = utc_now()
+        try:
+            await self._store.save_service(record.stored())
+        except BaseException:
+            record.endpoint, record.metadata, record.updated_at = old
+            raise
+        return record
+
+    async def set_draining(self, service_id: str) -> ServiceRecord:
+        record = self.get(service_id)
+        if not record.draining:
+            record.draining = True
+            record.updated_at = utc_now()
+            await self._store.save_service(record.stored())
+        return record
+
+    async def deregister(self, service_id: str) -> ServiceRecord:
+        record = self.get(service_id)
+        await self._store.delete_service(service_id)
+        self._services.pop(service_id, None)
+        return record
+
+    # reads -----------------------------------------------------------------------------------
 
     def get(self, service_id: str) -> ServiceRecord:
         try:
@@ -80,14 +183,101 @@ class Registry:
         except KeyError:
             raise NotFound(f"Microservice {service_id} is not registered") from None
 
+    def find(self, service_id: str) -> ServiceRecord | None:
+        return self._services.get(service_id)
+
     def all(self) -> list[ServiceRecord]:
         return list(self._services.values())
 
-    def resolve(self, required: list[str] | None) -> list[ServiceRecord]:
-        """The services a new session needs: the named ones, or every healthy one when None."""
-        if required is None:
-            return [record for record in self._services.values() if record.status == HEALTHY]
-        unknown = [service_id for service_id in required if service_id not in self._services]
-        if unknown:
-            raise InvalidRequest(f"Required services not registered: {', '.join(unknown)}")
-        return [self._services[service_id] for service_id in dict.fromkeys(required)]
+    def listing(self, *, service_type: str | None, status: str | None) -> list[ServiceRecord]:
+        records = sorted(self._services.values(), key=lambda r: r.service_id)
+        if service_type is not None:
+            records = [r for r in records if r.service_type == service_type]
+        if status is not None:
+            wanted = status.lower()
+            records = [
+                r
+                for r in records
+                if r.status.value.lower() == wanted or (wanted == "draining" and r.draining)
+            ]
+        return records
+
+    # health (live) ---------------------------------------------------------------------------
+
+    def record_health(self, service_id: str, error: str | None) -> HealthChange | None:
+        """Apply one health check result; returns the change of status it caused, if any."""
+        record = self._services.get(service_id)
+        if record is None:  # deregistered while the check ran
+            return None
+        record.last_check_at = utc_now()
+        old = record.status
+        if error is None:
+            record.successes_in_a_row += 1
+            record.failures_in_a_row = 0
+            if old is ServiceStatus.UNHEALTHY and record.successes_in_a_row >= self._healthy_after:
+                record.status = ServiceStatus.HEALTHY
+                record.last_error = None
+        else:
+            record.failures_in_a_row += 1
+            record.successes_in_a_row = 0
+            record.last_error = error
+            if old is ServiceStatus.HEALTHY and record.failures_in_a_row >= self._unhealthy_after:
+                record.status = ServiceStatus.UNHEALTHY
+        if record.status is old:
+            return None
+        return HealthChange(service_id, old, record.status, record.last_error)
+
+    # choice and load (live) ------------------------------------------------------------------
+
+    def choose(self, requirement: str, *, exclude: Iterable[str] = ()) -> ServiceRecord:
+        """The instance to dispatch for `requirement`: a service id, or `type:X` for the
+        available instance of type X with the most free capacity (ties: least recently used)."""
+        excluded = set(exclude)
+        if not requirement.startswith(TYPE_PREFIX):
+            record = self._services.get(requirement)
+            if record is None:
+                raise InvalidRequest(f"Required services not registered: {requirement}")
+            if record.draining:
+                raise NoCapacity(f"Microservice {requirement} is draining")
+            if record.free_capacity <= 0:
+                raise NoCapacity(f"Microservice {requirement} is at max_sessions")
+            return record
+        wanted = requirement[len(TYPE_PREFIX) :]
+        candidates = [
+            r
+            for r in self._services.values()
+            if r.service_type == wanted and r.available and r.service_id not in excluded
+        ]
+        if not candidates:
+            raise NoCapacity(f"No available microservice of type {wanted}")
+        return min(candidates, key=lambda r: (-r.free_capacity, r.last_chosen))
+
+    def alternative(self, service_id: str, *, exclude: Iterable[str]) -> ServiceRecord | None:
+        """Another available instance of the same type as `service_id`, if there is one."""
+        record = self._services.get(service_id)
+        service_type = record.service_type if record is not None else None
+        if service_type is None:
+            return None
+        try:
+            return self.choose(TYPE_PREFIX + service_type, exclude={service_id, *exclude})
+        except NoCapacity:
+            return None
+
+    def defaults(self) -> list[ServiceRecord]:
+        """What a session gets when it names no services: every available one."""
+        return [record for record in self._services.values() if record.available]
+
+    def acquire(self, service_id: str, session_id: str) -> None:
+        record = self._services.get(service_id)
+        if record is not None:
+            record.sessions.add(session_id)
+            record.last_chosen = time.monotonic()
+
+    def release(self, service_id: str, session_id: str) -> None:
+        record = self._services.get(service_id)
+        if record is not None:
+            record.sessions.discard(session_id)
+
+    def release_session(self, session_id: str) -> None:
+        for record in self._services.values():
+            record.sessions.discard(session_id)

@@ -21,7 +21,14 @@ import orjson
 
 from session_manager.clock import utc_now
 from session_manager.dispatch import DispatchOutcome, JoinRoomRequest, MicroserviceClient
-from session_manager.errors import ManagerError, MicroserviceUnavailable, SessionGone, Timeout
+from session_manager.errors import (
+    Conflict,
+    ManagerError,
+    MicroserviceUnavailable,
+    NotFound,
+    SessionGone,
+    Timeout,
+)
 from session_manager.livekit.gateway import LiveKitGateway
 from session_manager.livekit.webhooks import (
     ROLE_ATTRIBUTE,
@@ -31,10 +38,16 @@ from session_manager.livekit.webhooks import (
     RoomEvent,
 )
 from session_manager.logs import TRACE
+from session_manager.registry import Registry
 from session_manager.session.messages import (
+    AddService,
+    ClientGraceExpired,
+    ClientJoinDeadlinePassed,
     CreateOptions,
     DispatchFinished,
+    DurationLimitReached,
     JoinDeadlinePassed,
+    RemoveService,
     RoomEventArrived,
     SessionCreated,
     SessionMessage,
@@ -60,10 +73,14 @@ class SessionDeps:
 
     gateway: LiveKitGateway
     microservices: MicroserviceClient
+    registry: Registry
     join_timeout: float
     room_empty_timeout: int
     client_token_ttl: float
     teardown_timeout: float
+    max_redispatch: int = 3
+    client_join_timeout: float = 300.0
+    client_reconnect_grace: float = 60.0
 
 
 def duration_limit(metadata: JsonDict) -> float | None:
@@ -84,7 +101,8 @@ class SessionActor:
         self._create_reply: asyncio.Future[SessionCreated] | None = None
         self._options = CreateOptions()
         self._client_token = ""
-        self._dispatch_pending: set[str] = set()
+        self._token_ttl = timedelta(seconds=deps.client_token_ttl)
+        self._dispatching: set[str] = set()  # requirements with a join-room call in flight
         self._closed = False
 
     @property
@@ -93,10 +111,18 @@ class SessionActor:
 
     def tell(self, message: SessionMessage) -> None:
         if self._closed:
-            reply = getattr(message, "reply", None)
-            settle(reply, error=SessionGone(f"session {self.session_id} has ended"))
+            self._answer_late(message)
             return
         self._inbox.put_nowait(message)
+
+    def _answer_late(self, message: SessionMessage) -> None:
+        """A message that arrived after the end: a terminate is already done (answer it with
+        the final view); anything else that wants an answer is told the session is gone."""
+        reply = getattr(message, "reply", None)
+        if isinstance(message, Terminate):
+            settle(reply, self.record.view())
+        else:
+            settle(reply, error=SessionGone(f"session {self.session_id} has ended"))
 
     # the loop ------------------------------------------------------------------------------
 
@@ -125,14 +151,42 @@ class SessionActor:
                 await self._start(message)
             case RoomEventArrived(event=event):
                 await self._on_room_event(event)
-            case DispatchFinished(service_id=service_id, outcome=outcome):
-                await self._on_dispatch_finished(service_id, outcome)
+            case DispatchFinished(requirement=requirement, outcome=outcome):
+                await self._on_dispatch_finished(requirement, outcome)
             case JoinDeadlinePassed():
                 if self.record.status in (S.CREATING, S.WAITING_FOR_SERVICES):
                     await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
             case WaitDeadlinePassed():
                 if self._options.wait_until_ready and self._create_reply is not None:
                     await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
+            case DurationLimitReached():
+                limit = duration_limit(self.record.metadata)
+                await self._terminate(f"duration limit of {limit:g} s reached")
+            case ClientJoinDeadlinePassed():
+                if self.record.client_joined_at is None:
+                    await self._terminate(
+                        f"client did not join within {self._deps.client_join_timeout:g} s"
+                    )
+            case ClientGraceExpired():
+                if not self.record.client_present:
+                    await self._terminate(
+                        "client left and did not return within "
+                        f"{self._deps.client_reconnect_grace:g} s"
+                    )
+            case AddService(requirement=requirement, reply=reply):
+                try:
+                    self._add_service(requirement)
+                except ManagerError as exc:  # the caller's mistake, not the session's
+                    settle(reply, error=exc)
+                else:
+                    settle(reply, self.record.view())
+            case RemoveService(service_id=service_id, reply=reply):
+                try:
+                    self._remove_service(service_id)
+                except ManagerError as exc:
+                    settle(reply, error=exc)
+                else:
+                    settle(reply, self.record.view())
             case Terminate(reason=reason, reply=reply):
                 await self._terminate(reason)
                 settle(reply, self.record.view())
@@ -156,12 +210,16 @@ class SessionActor:
         if self.record.status is not S.CREATING:  # terminated while we waited on LiveKit
             return
 
-        ttl = self._token_ttl()
+        limit = duration_limit(record.metadata)
+        if limit is not None:
+            self._token_ttl = timedelta(seconds=limit + self._deps.join_timeout) + TOKEN_MARGIN
+            self._start_timer(DurationLimitReached, limit)
+        self._start_timer(ClientJoinDeadlinePassed, self._deps.client_join_timeout)
         self._client_token = self._deps.gateway.mint_token(
             identity=record.user_identity,
             name=record.user_name,
             room_name=record.room_name,
-            ttl=ttl,
+            ttl=self._token_ttl,
             attributes={ROLE_ATTRIBUTE: ROLE_CLIENT, SESSION_ATTRIBUTE: record.session_id},
         )
         if not record.services:
@@ -174,20 +232,16 @@ class SessionActor:
         if self._options.wait_until_ready and self._options.wait_timeout is not None:
             self._start_timer(WaitDeadlinePassed, self._options.wait_timeout)
         for slot in record.services.values():
-            self._dispatch(slot, ttl)
+            self._dispatch(slot)
 
-    def _token_ttl(self) -> timedelta:
-        limit = duration_limit(self.record.metadata)
-        if limit is None:
-            return timedelta(seconds=self._deps.client_token_ttl)
-        return timedelta(seconds=limit + self._deps.join_timeout) + TOKEN_MARGIN
-
-    def _dispatch(self, slot: ServiceSlot, ttl: timedelta) -> None:
+    def _dispatch(self, slot: ServiceSlot) -> None:
+        if slot.requirement in self._dispatching:  # never two join-room calls for one slot
+            return
         record = self.record
         token = self._deps.gateway.mint_token(
             identity=slot.service_id,
             room_name=record.room_name,
-            ttl=ttl,
+            ttl=self._token_ttl,
             attributes={ROLE_ATTRIBUTE: ROLE_SERVICE, SESSION_ATTRIBUTE: record.session_id},
         )
         request = JoinRoomRequest(
@@ -198,36 +252,41 @@ class SessionActor:
             livekit_url=self._deps.gateway.endpoint.public_url,
         )
         slot.dispatched_at = utc_now()
-        self._dispatch_pending.add(slot.service_id)
+        self._dispatching.add(slot.requirement)
         log.debug("dispatching service", extra=self._log_extra(service_id=slot.service_id))
-        self._spawn(self._join_room(slot.service_id, slot.endpoint, request))
+        self._spawn(self._join_room(slot.requirement, slot.endpoint, request))
 
-    async def _join_room(self, service_id: str, endpoint: str, request: JoinRoomRequest) -> None:
+    async def _join_room(self, requirement: str, endpoint: str, request: JoinRoomRequest) -> None:
         outcome = await self._deps.microservices.join_room(endpoint, request)
-        self.tell(DispatchFinished(service_id, outcome))
+        self.tell(DispatchFinished(requirement, outcome))
 
-    async def _on_dispatch_finished(self, service_id: str, outcome: DispatchOutcome) -> None:
-        self._dispatch_pending.discard(service_id)
-        slot = self.record.services[service_id]
-        slot.attempts = outcome.attempts
+    async def _on_dispatch_finished(self, requirement: str, outcome: DispatchOutcome) -> None:
+        self._dispatching.discard(requirement)
+        slot = self.record.services.get(requirement)
+        if slot is None:  # removed from the session while its join-room call was in flight
+            return
+        slot.attempts += outcome.attempts
         slot.answered_at = utc_now()
-        if not outcome.ok:
+        if outcome.ok:
+            if slot.state is ServiceState.PENDING:
+                slot.state = ServiceState.DISPATCHED
+            log.debug(
+                "service dispatched",
+                extra=self._log_extra(service_id=slot.service_id, elapsed_ms=outcome.elapsed_ms),
+            )
+        else:
             slot.state = ServiceState.FAILED
             slot.error = outcome.error
             log.warning(
                 "service dispatch failed",
-                extra=self._log_extra(service_id=service_id, error=outcome.error),
+                extra=self._log_extra(
+                    service_id=slot.service_id, error=outcome.error, declined=outcome.declined
+                ),
             )
-            reason = f"microservice {service_id} could not join: {outcome.error}"
-            await self._terminate(reason, MicroserviceUnavailable(reason))
-            return
-        if slot.state is ServiceState.PENDING:
-            slot.state = ServiceState.DISPATCHED
-        log.debug(
-            "service dispatched",
-            extra=self._log_extra(service_id=service_id, elapsed_ms=outcome.elapsed_ms),
-        )
-        if not self._dispatch_pending and not self._options.wait_until_ready:
+            if outcome.declined:
+                slot.declined_by.append(slot.service_id)
+            await self._replace(slot, outcome.error or "dispatch failed", declined=outcome.declined)
+        if not self._dispatching and not self._options.wait_until_ready:
             self._answer_creator()
 
     def _answer_creator(self) -> None:
@@ -244,6 +303,90 @@ class SessionActor:
             ),
         )
 
+    # failover --------------------------------------------------------------------------------
+
+    async def _replace(self, slot: ServiceSlot, reason: str, *, declined: bool = False) -> None:
+        """A slot lost its instance (dispatch failed or declined, or it left the room): dispatch
+        again — the same instance once, then another of the same type — or end the session."""
+        if self.record.status in (S.TERMINATING, S.TERMINATED):
+            return
+        failed = slot.service_id
+        registry = self._deps.registry
+        in_use = {s.service_id for s in self.record.services.values() if s is not slot}
+        same = registry.find(failed)
+        if declined:
+            # A decline is an answer, not a fault: go straight to another instance, no back-off,
+            # and do not count it against max_redispatch.
+            chosen = registry.alternative(failed, exclude={*in_use, *slot.declined_by})
+        elif slot.redispatches >= self._deps.max_redispatch:
+            chosen = None
+            reason = f"{reason} (gave up after {slot.redispatches} redispatches)"
+        else:
+            if not slot.retried_in_place and same is not None and same.available:
+                chosen, slot.retried_in_place = same, True
+            else:
+                chosen = registry.alternative(failed, exclude={*in_use, *slot.declined_by})
+                slot.retried_in_place = False
+            if chosen is not None:
+                slot.redispatches += 1
+        if chosen is None:
+            message = f"microservice {slot.requirement} could not join: {reason}"
+            await self._terminate(message, MicroserviceUnavailable(message))
+            return
+        if chosen.service_id != failed:
+            registry.release(failed, self.session_id)
+            registry.acquire(chosen.service_id, self.session_id)
+        log.info(
+            "redispatching service",
+            extra=self._log_extra(requirement=slot.requirement, old=failed, new=chosen.service_id),
+        )
+        slot.assign(chosen.service_id, chosen.endpoint, chosen.service_type)
+        if self.record.status in (S.READY, S.ACTIVE):
+            self._set_status(S.WAITING_FOR_SERVICES)
+        if JoinDeadlinePassed not in self._timers:
+            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+        self._dispatch(slot)
+
+    def _add_service(self, requirement: str) -> None:
+        record = self.record
+        if record.status not in (S.WAITING_FOR_SERVICES, S.READY, S.ACTIVE):
+            raise Conflict(
+                f"Session is {record.status.value}; services can be added only while it runs"
+            )
+        if requirement in record.services or record.slot_of(requirement) is not None:
+            raise Conflict(f"{requirement} is already part of this session")
+        in_use = {slot.service_id for slot in record.services.values()}
+        chosen = self._deps.registry.choose(requirement, exclude=in_use)
+        if chosen.service_id in in_use:
+            raise Conflict(f"{chosen.service_id} is already part of this session")
+        self._deps.registry.acquire(chosen.service_id, self.session_id)
+        slot = ServiceSlot(requirement, chosen.service_id, chosen.endpoint, chosen.service_type)
+        record.services[requirement] = slot
+        if record.status in (S.READY, S.ACTIVE):
+            self._set_status(S.WAITING_FOR_SERVICES)
+        if JoinDeadlinePassed not in self._timers:
+            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+        self._dispatch(slot)
+
+    def _remove_service(self, service_id: str) -> None:
+        record = self.record
+        slot = record.services.get(service_id) or record.slot_of(service_id)
+        if slot is None:
+            raise NotFound(f"{service_id} is not part of session {self.session_id}")
+        del record.services[slot.requirement]
+        self._deps.registry.release(slot.service_id, self.session_id)
+        self._spawn(self._leave_room(slot))
+        self._advance()
+
+    async def _leave_room(self, slot: ServiceSlot) -> None:
+        error = await self._deps.microservices.leave_room(
+            slot.endpoint, self.session_id, self.record.room_name
+        )
+        if error is not None:
+            log.info(
+                "leave-room failed", extra=self._log_extra(service_id=slot.service_id, error=error)
+            )
+
     # LiveKit -------------------------------------------------------------------------------
 
     async def _on_room_event(self, event: RoomEvent) -> None:
@@ -257,19 +400,12 @@ class SessionActor:
             return
         joined = event.kind == "participant_joined"
         role = self._role_of(event)
-        now = utc_now()
         if role == ROLE_CLIENT:
-            self.record.client_present = joined
-            if joined:
-                self.record.client_joined_at = self.record.client_joined_at or now
-            else:
-                self.record.client_left_at = now
+            self._on_client(joined)
         elif role == ROLE_SERVICE:
-            slot = self.record.services[event.identity]
-            if joined:
-                slot.state, slot.joined_at, slot.error = ServiceState.JOINED, now, None
-            else:
-                slot.state, slot.left_at = ServiceState.LEFT, now
+            slot = self.record.slot_of(event.identity)
+            assert slot is not None  # _role_of checked it
+            await self._on_service(slot, joined)
         else:
             log.debug(
                 "participant is not part of this session",
@@ -282,12 +418,35 @@ class SessionActor:
         )
         self._advance()
 
+    def _on_client(self, joined: bool) -> None:
+        record = self.record
+        record.client_present = joined
+        if joined:
+            record.client_joined_at = record.client_joined_at or utc_now()
+            self._cancel_timer(ClientJoinDeadlinePassed)
+            self._cancel_timer(ClientGraceExpired)
+        else:
+            record.client_left_at = utc_now()
+            self._start_timer(ClientGraceExpired, self._deps.client_reconnect_grace)
+
+    async def _on_service(self, slot: ServiceSlot, joined: bool) -> None:
+        if joined:
+            slot.state, slot.joined_at, slot.error = ServiceState.JOINED, utc_now(), None
+            slot.retried_in_place = False
+            return
+        slot.state, slot.left_at = ServiceState.LEFT, utc_now()
+        await self._replace(slot, "left the room")
+
     def _role_of(self, event: RoomEvent) -> str | None:
         """Who a participant is, from the attributes we put in the token we minted for it."""
         identity = event.identity
         if event.attributes.get(SESSION_ATTRIBUTE) not in (None, self.session_id):
             return None
-        if event.role == ROLE_SERVICE and identity in self.record.services:
+        if (
+            event.role == ROLE_SERVICE
+            and identity is not None
+            and self.record.slot_of(identity) is not None
+        ):
             return ROLE_SERVICE
         if event.role == ROLE_CLIENT and identity == self.record.user_identity:
             return ROLE_CLIENT
@@ -313,6 +472,7 @@ class SessionActor:
         self._set_status(S.TERMINATING)
         self._publish()
         await self._stop_children()
+        await self._send_services_away()
         try:
             await asyncio.wait_for(
                 self._deps.gateway.delete_room(self.record.room_name), self._deps.teardown_timeout
@@ -324,6 +484,23 @@ class SessionActor:
         self._set_status(S.TERMINATED)
         settle(self._create_reply, error=error or SessionGone(f"session ended: {reason}"))
         self._create_reply = None
+
+    async def _send_services_away(self) -> None:
+        """leave-room to every service that may be in the room; best effort, bounded."""
+        present = [
+            slot
+            for slot in self.record.services.values()
+            if slot.state in (ServiceState.DISPATCHED, ServiceState.JOINED)
+        ]
+        if not present:
+            return
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._leave_room(slot) for slot in present)),
+                self._deps.teardown_timeout,
+            )
+        except TimeoutError:
+            log.info("leave-room calls timed out", extra=self._log_extra())
 
     async def _close_after(self, reason: str, error: ManagerError) -> None:
         """Bring a session that lost its actor to Terminated; best effort, never raises."""
@@ -341,8 +518,7 @@ class SessionActor:
 
     def _refuse_leftovers(self) -> None:
         while not self._inbox.empty():
-            message = self._inbox.get_nowait()
-            settle(getattr(message, "reply", None), error=SessionGone("session has ended"))
+            self._answer_late(self._inbox.get_nowait())
 
     # plumbing ------------------------------------------------------------------------------
 
@@ -361,11 +537,10 @@ class SessionActor:
         elif new is S.TERMINATED:
             self.record.terminated_at = now
         level = logging.INFO if new in (S.READY, S.ACTIVE, S.TERMINATED) else logging.DEBUG
-        log.log(
-            level,
-            "session status changed",
-            extra=self._log_extra(old=old.value, new=new.value, reason=self.record.reason),
-        )
+        extra = self._log_extra(old=old.value, new=new.value)
+        if self.record.reason and new in (S.TERMINATING, S.TERMINATED):
+            extra["reason"] = self.record.reason
+        log.log(level, "session status changed", extra=extra)
 
     def _publish(self) -> None:
         self._publish_view(self.record.view())
@@ -378,7 +553,11 @@ class SessionActor:
     def _start_timer(self, message_type: type, delay: float) -> None:
         self._cancel_timer(message_type)
         loop = asyncio.get_running_loop()
-        self._timers[message_type] = loop.call_later(delay, self.tell, message_type())
+        self._timers[message_type] = loop.call_later(delay, self._timer_fired, message_type)
+
+    def _timer_fired(self, message_type: type) -> None:
+        self._timers.pop(message_type, None)
+        self.tell(message_type())
 
     def _cancel_timer(self, message_type: type) -> None:
         handle = self._timers.pop(message_type, None)
@@ -394,6 +573,7 @@ class SessionActor:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        self._dispatching.clear()
 
     def _log_extra(self, **values: Any) -> dict[str, Any]:
         return {"session_id": self.session_id, **values}

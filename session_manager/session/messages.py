@@ -47,7 +47,7 @@ class RoomEventArrived:
 class DispatchFinished:
     """A join-room call (with its retries) is over."""
 
-    service_id: str
+    requirement: str
     outcome: DispatchOutcome
 
 
@@ -62,6 +62,37 @@ class WaitDeadlinePassed:
 
 
 @dataclass(frozen=True)
+class DurationLimitReached:
+    """`metadata.duration_limit` seconds since the session was created."""
+
+
+@dataclass(frozen=True)
+class ClientJoinDeadlinePassed:
+    """`client_join_timeout` since creation and the user has never joined."""
+
+
+@dataclass(frozen=True)
+class ClientGraceExpired:
+    """The user left `client_reconnect_grace` ago and has not come back."""
+
+
+@dataclass(frozen=True)
+class AddService:
+    """Dispatch one more service (an id or `type:X`) into the running session."""
+
+    requirement: str
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True)
+class RemoveService:
+    """Ask a service to leave the session; the session no longer needs it."""
+
+    service_id: str
+    reply: asyncio.Future[Any]
+
+
+@dataclass(frozen=True)
 class Terminate:
     reason: str
     reply: asyncio.Future[Any] | None = None
@@ -72,7 +103,13 @@ SessionMessage = (
     | RoomEventArrived
     | DispatchFinished
     | JoinDeadlinePassed
-    | (WaitDeadlinePassed | Terminate)
+    | WaitDeadlinePassed
+    | DurationLimitReached
+    | ClientJoinDeadlinePassed
+    | ClientGraceExpired
+    | AddService
+    | RemoveService
+    | Terminate
 )
 
 

@@ -25,24 +25,40 @@ def _ms_between(start: datetime | None, end: datetime | None) -> float | None:
 
 @dataclass
 class ServiceSlot:
-    """One required microservice in one session."""
+    """One required microservice in one session: what was asked for (`requirement`, a service id
+    or `type:X`) and the instance currently filling it (`service_id`)."""
 
+    requirement: str
     service_id: str
     endpoint: str
+    service_type: str | None = None
     state: ServiceState = ServiceState.PENDING
     attempts: int = 0
     error: str | None = None
+    redispatches: int = 0
+    declined_by: list[str] = field(default_factory=list)
+    retried_in_place: bool = False  # after a failure, the same instance gets one more chance
     dispatched_at: datetime | None = None
     answered_at: datetime | None = None
     joined_at: datetime | None = None
     left_at: datetime | None = None
 
+    def assign(self, service_id: str, endpoint: str, service_type: str | None) -> None:
+        """Fill the slot with another instance; its timings start again."""
+        self.service_id, self.endpoint, self.service_type = service_id, endpoint, service_type
+        self.state = ServiceState.PENDING
+        self.dispatched_at = self.answered_at = self.joined_at = self.left_at = None
+
     def view(self) -> JsonDict:
         return {
+            "requirement": self.requirement,
             "service_id": self.service_id,
+            "type": self.service_type,
             "endpoint": self.endpoint,
             "state": self.state.value,
             "attempts": self.attempts,
+            "redispatches": self.redispatches,
+            "declined_by": list(self.declined_by),
             "error": self.error,
             "dispatched_at": _ts(self.dispatched_at),
             "joined_at": _ts(self.joined_at),
@@ -74,6 +90,13 @@ class SessionRecord:
     @property
     def all_services_joined(self) -> bool:
         return all(slot.state is ServiceState.JOINED for slot in self.services.values())
+
+    def slot_of(self, service_id: str) -> ServiceSlot | None:
+        """The slot an instance currently fills, if any."""
+        for slot in self.services.values():
+            if slot.service_id == service_id:
+                return slot
+        return None
 
     def view(self) -> JsonDict:
         return {

@@ -5,6 +5,17 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 JsonDict = dict[str, Any]
+SessionCursor = tuple[str, str]  # (created_at, session_id) of the last session already listed
+
+
+def listed_before(view: JsonDict, cursor: SessionCursor | None) -> bool:
+    return cursor is None or (view["created_at"], view["session_id"]) < cursor
+
+
+def matches(view: JsonDict, status: str | None, user_identity: str | None) -> bool:
+    return (status is None or view["status"] == status) and (
+        user_identity is None or view["user_identity"] == user_identity
+    )
 
 
 class Store(Protocol):
@@ -25,3 +36,22 @@ class Store(Protocol):
         change, and a burst of changes to one session is coalesced into one write."""
 
     async def get_session(self, session_id: str) -> JsonDict | None: ...
+
+    async def flush(self) -> None:
+        """Return once every view queued before the call is written."""
+
+    async def list_sessions(
+        self,
+        *,
+        status: str | None,
+        user_identity: str | None,
+        limit: int,
+        before: SessionCursor | None,
+    ) -> list[JsonDict]:
+        """Newest first (created_at, then session_id, both descending), after `before`."""
+
+    async def save_idempotency(self, key: str, entry: JsonDict) -> None: ...
+
+    async def get_idempotency(self, key: str) -> JsonDict | None: ...
+
+    async def delete_idempotency(self, key: str) -> None: ...

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from session_manager.store.base import JsonDict
+from session_manager.store.base import JsonDict, SessionCursor, listed_before, matches
 
 
 class MemoryStore:
     def __init__(self) -> None:
         self._services: dict[str, JsonDict] = {}
         self._sessions: dict[str, JsonDict] = {}
+        self._idempotency: dict[str, JsonDict] = {}
 
     async def open(self) -> None:
         return None
@@ -30,3 +31,31 @@ class MemoryStore:
 
     async def get_session(self, session_id: str) -> JsonDict | None:
         return self._sessions.get(session_id)
+
+    async def flush(self) -> None:
+        return None
+
+    async def list_sessions(
+        self,
+        *,
+        status: str | None,
+        user_identity: str | None,
+        limit: int,
+        before: SessionCursor | None,
+    ) -> list[JsonDict]:
+        views = [
+            v
+            for v in self._sessions.values()
+            if matches(v, status, user_identity) and listed_before(v, before)
+        ]
+        views.sort(key=lambda v: (v["created_at"], v["session_id"]), reverse=True)
+        return views[:limit]
+
+    async def save_idempotency(self, key: str, entry: JsonDict) -> None:
+        self._idempotency[key] = entry
+
+    async def get_idempotency(self, key: str) -> JsonDict | None:
+        return self._idempotency.get(key)
+
+    async def delete_idempotency(self, key: str) -> None:
+        self._idempotency.pop(key, None)

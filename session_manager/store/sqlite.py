@@ -17,11 +17,12 @@ from typing import Any, TypeVar
 
 import orjson
 
-from session_manager.store.base import JsonDict
+from session_manager.store.base import JsonDict, SessionCursor
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+FLUSH_TIMEOUT = 5.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -35,7 +36,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at TEXT NOT NULL,
     body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS sessions_by_created ON sessions (created_at);
+CREATE INDEX IF NOT EXISTS sessions_by_created ON sessions (created_at, session_id);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
 """
 
 
@@ -49,6 +54,10 @@ class SqliteStore:
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        # flush(): every save bumps `_queued`; the writer publishes `_written` after each batch.
+        self._queued = 0
+        self._written = 0
+        self._batch_written = asyncio.Condition()
 
     async def open(self) -> None:
         await self._run(self._open_sync)
@@ -116,7 +125,54 @@ class SqliteStore:
 
     def save_session(self, view: JsonDict) -> None:
         self._pending[view["session_id"]] = view
+        self._queued += 1
         self._wakeup.set()
+
+    async def flush(self) -> None:
+        target = self._queued
+        async with self._batch_written:
+            await self._batch_written.wait_for(lambda: self._written >= target)
+
+    async def list_sessions(
+        self,
+        *,
+        status: str | None,
+        user_identity: str | None,
+        limit: int,
+        before: SessionCursor | None,
+    ) -> list[JsonDict]:
+        # Read what was published just before; a disk that is failing must not hang the list.
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), FLUSH_TIMEOUT)
+        clauses: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status)
+        if user_identity is not None:
+            clauses.append("user_identity = ?")
+            params.append(user_identity)
+        if before is not None:
+            clauses.append("(created_at < ? OR (created_at = ? AND session_id < ?))")
+            params += [before[0], before[0], before[1]]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT body FROM sessions {where} ORDER BY created_at DESC, session_id DESC LIMIT ?"
+        rows = await self._run(self._fetchall, sql, (*params, limit))
+        return [orjson.loads(row[0]) for row in rows]
+
+    async def save_idempotency(self, key: str, entry: JsonDict) -> None:
+        await self._run(
+            self._conn.execute,
+            "INSERT OR REPLACE INTO idempotency (key, body) VALUES (?, ?)",
+            (key, orjson.dumps(entry)),
+        )
+
+    async def get_idempotency(self, key: str) -> JsonDict | None:
+        rows = await self._run(self._fetchall, "SELECT body FROM idempotency WHERE key = ?", (key,))
+        return orjson.loads(rows[0][0]) if rows else None
+
+    async def delete_idempotency(self, key: str) -> None:
+        await self._run(self._conn.execute, "DELETE FROM idempotency WHERE key = ?", (key,))
 
     async def get_session(self, session_id: str) -> JsonDict | None:
         pending = self._pending.get(session_id) or self._writing.get(session_id)
@@ -131,6 +187,7 @@ class SqliteStore:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            covered = self._queued
             batch, self._pending = self._pending, {}
             if batch:
                 self._writing = batch
@@ -147,6 +204,9 @@ class SqliteStore:
                     continue
                 finally:
                     self._writing = {}
+            async with self._batch_written:
+                self._written = covered
+                self._batch_written.notify_all()
             if self._closing and not self._pending:
                 return
 

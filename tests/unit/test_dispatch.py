@@ -166,12 +166,23 @@ async def test_success_false_is_a_decline(
 ) -> None:
     endpoint.script = [reply(json={"success": False, "message": "at capacity"})]
     outcome = await client.join_room(endpoint.url, REQUEST)
-    assert not outcome.ok and outcome.attempts == 1
+    assert not outcome.ok and outcome.declined and outcome.attempts == 1
     assert outcome.error == "service declined join-room: at capacity"
+
+
+@pytest.mark.parametrize("status", [409, 503])
+async def test_409_and_503_are_declines_answered_at_once(
+    client: MicroserviceClient, endpoint: ScriptedEndpoint, status: int
+) -> None:
+    endpoint.script = [reply(status, {"message": "draining"})]
+    outcome = await client.join_room(endpoint.url, REQUEST)
+    assert not outcome.ok and outcome.declined
+    assert endpoint.calls == 1  # no retry, no back-off: the manager asks another instance
+    assert outcome.error == f"service declined join-room: HTTP {status}: draining"
 
 
 async def test_4xx_is_not_retried(client: MicroserviceClient, endpoint: ScriptedEndpoint) -> None:
     endpoint.script = [reply(404, text="no such route")]
     outcome = await client.join_room(endpoint.url, REQUEST)
-    assert not outcome.ok and outcome.attempts == 1
+    assert not outcome.ok and not outcome.declined and outcome.attempts == 1
     assert outcome.error == "join-room answered HTTP 404"

@@ -74,9 +74,15 @@ class FakeMicroservices:
     outcomes: dict[str, DispatchOutcome] = field(default_factory=dict)
     requests: list[JoinRoomRequest] = field(default_factory=list)
 
+    left: list[tuple[str, str]] = field(default_factory=list)
+
     async def join_room(self, endpoint: str, request: JoinRoomRequest) -> DispatchOutcome:
         self.requests.append(request)
         return self.outcomes.get(request.service_identity, DispatchOutcome(True, 1))
+
+    async def leave_room(self, endpoint: str, session_id: str, room_name: str) -> str | None:
+        self.left.append((endpoint, session_id))
+        return None
 
 
 @dataclass
@@ -146,6 +152,7 @@ async def harness() -> AsyncIterator[Harness]:
     deps = SessionDeps(
         gateway=gateway,  # type: ignore[arg-type]
         microservices=microservices,  # type: ignore[arg-type]
+        registry=registry,
         join_timeout=5.0,
         room_empty_timeout=60,
         client_token_ttl=3600,
@@ -213,7 +220,9 @@ async def test_dispatch_failure_ends_the_session_and_deletes_the_room(harness: H
     harness.microservices.outcomes["asr"] = DispatchOutcome(False, 3, error="HTTP 500")
     with pytest.raises(MicroserviceUnavailable, match="asr could not join: HTTP 500"):
         await harness.create(required_services=["asr"])
-    [request] = harness.microservices.requests
+    # One redispatch to the same instance; it has no type, so no other instance can stand in.
+    request, again = harness.microservices.requests
+    assert again.session_id == request.session_id
     view = await harness.view(request.session_id)
     assert view["status"] == "Terminated"
     assert view["services"][0]["state"] == "failed"
