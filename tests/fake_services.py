@@ -29,11 +29,34 @@ async def fail_with_500(body: dict[str, Any]) -> web.StreamResponse:
     return web.json_response({"success": False, "message": "boom"}, status=500)
 
 
+async def decline_with_503(body: dict[str, Any]) -> web.StreamResponse:
+    return web.json_response({"success": False, "message": "at capacity"}, status=503)
+
+
 class ScriptedService:
-    def __init__(self, answer: JoinAnswer) -> None:
+    def __init__(self, answer: JoinAnswer, *, healthy: bool = True) -> None:
         self.answer = answer
+        self.healthy = healthy
         self.join_requests: list[dict[str, Any]] = []
+        self.leave_requests: list[dict[str, Any]] = []
         self.endpoint = ""
+
+    async def _leave_room(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.leave_requests.append(body)
+        return web.json_response(
+            {
+                "success": True,
+                "message": "left",
+                "session_id": body["session_id"],
+                "service_id": "scripted",
+            }
+        )
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        if not self.healthy:
+            return web.json_response({"status": "broken"}, status=500)
+        return web.json_response({"status": "healthy"})
 
     async def _join_room(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -44,6 +67,8 @@ class ScriptedService:
     async def running(self) -> AsyncIterator[ScriptedService]:
         app = web.Application()
         app.router.add_post("/join-room", self._join_room)
+        app.router.add_post("/leave-room", self._leave_room)
+        app.router.add_get("/health", self._health)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

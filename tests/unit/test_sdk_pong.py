@@ -121,13 +121,13 @@ async def test_anything_but_ping_is_ignored(data: bytes) -> None:
     assert room.local_participant.sent == []
 
 
-async def test_ping_without_a_sender_is_ignored() -> None:
+async def test_ping_from_a_not_yet_announced_sender_is_answered_to_the_room() -> None:
     room = FakeRoom()
 
     replied = await PongHandler().answer(room, packet(b"ping", None))  # type: ignore[arg-type]
 
-    assert not replied
-    assert room.local_participant.sent == []
+    assert replied
+    assert room.local_participant.sent == [{**pong_to("alice"), "destination_identities": []}]
 
 
 async def test_on_join_answers_packets_from_the_room_until_cancelled() -> None:

@@ -4,164 +4,29 @@ microservices replaced by in-memory fakes (the real ones are in tests/integratio
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
 
 import pytest
 
-from session_manager.dispatch import DispatchOutcome, JoinRoomRequest
+from session_manager.dispatch import DispatchOutcome
 from session_manager.errors import (
     LiveKitUnavailable,
     MicroserviceUnavailable,
     SessionGone,
     Timeout,
 )
-from session_manager.livekit.gateway import LiveKitEndpoint
 from session_manager.livekit.webhooks import (
-    ROLE_ATTRIBUTE,
     ROLE_CLIENT,
     ROLE_SERVICE,
-    SESSION_ATTRIBUTE,
-    RoomEvent,
 )
-from session_manager.registry import Registry
-from session_manager.session.actor import SessionDeps
-from session_manager.session.messages import CreateOptions, SessionCreated
 from session_manager.session.states import (
     TRANSITIONS,
     IllegalTransition,
     SessionStatus,
     check_transition,
 )
-from session_manager.store import MemoryStore
-from session_manager.supervisor import (
-    CreateSession,
-    GetSession,
-    LiveKitEvent,
-    NewSession,
-    Supervisor,
-)
+from tests.unit.session_harness import Harness
 
 S = SessionStatus
-
-
-@dataclass
-class FakeGateway:
-    endpoint: LiveKitEndpoint = field(
-        default_factory=lambda: LiveKitEndpoint("http://lk", "ws://lk", "key", "secret")
-    )
-    rooms: set[str] = field(default_factory=set)
-    deleted: list[str] = field(default_factory=list)
-    fail_create: BaseException | None = None
-
-    async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
-        if self.fail_create is not None:
-            raise self.fail_create
-        self.rooms.add(name)
-
-    async def delete_room(self, name: str) -> None:
-        self.rooms.discard(name)
-        self.deleted.append(name)
-
-    def mint_token(self, *, identity: str, room_name: str, ttl: timedelta, **_: Any) -> str:
-        return f"token:{identity}:{room_name}:{int(ttl.total_seconds())}"
-
-
-@dataclass
-class FakeMicroservices:
-    outcomes: dict[str, DispatchOutcome] = field(default_factory=dict)
-    requests: list[JoinRoomRequest] = field(default_factory=list)
-
-    left: list[tuple[str, str]] = field(default_factory=list)
-
-    async def join_room(self, endpoint: str, request: JoinRoomRequest) -> DispatchOutcome:
-        self.requests.append(request)
-        return self.outcomes.get(request.service_identity, DispatchOutcome(True, 1))
-
-    async def leave_room(self, endpoint: str, session_id: str, room_name: str) -> str | None:
-        self.left.append((endpoint, session_id))
-        return None
-
-
-@dataclass
-class Harness:
-    supervisor: Supervisor
-    gateway: FakeGateway
-    microservices: FakeMicroservices
-    registry: Registry
-
-    async def create(self, **spec: Any) -> SessionCreated:
-        options = CreateOptions(
-            wait_until_ready=spec.pop("wait_until_ready", False),
-            wait_timeout=spec.pop("wait_timeout", None),
-        )
-        new = NewSession(
-            user_identity=spec.pop("user_identity", "user123"), options=options, **spec
-        )
-        result: SessionCreated = await self.supervisor.ask(lambda r: CreateSession(new, r))
-        return result
-
-    async def view(self, session_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self.supervisor.ask(lambda r: GetSession(session_id, r))
-        return result
-
-    def webhook(
-        self,
-        kind: str,
-        room: str,
-        identity: str | None = None,
-        role: str | None = None,
-        session_id: str | None = None,
-    ) -> None:
-        attributes = {ROLE_ATTRIBUTE: role, SESSION_ATTRIBUTE: session_id} if role else {}
-        self.supervisor.tell(
-            LiveKitEvent(
-                RoomEvent(
-                    kind=kind,
-                    room_name=room,
-                    identity=identity,
-                    role=role,
-                    attributes={k: v for k, v in attributes.items() if v is not None},
-                )
-            )
-        )
-
-    async def until(self, session_id: str, status: SessionStatus) -> dict[str, Any]:
-        return await self.until_view(session_id, lambda view: view["status"] == status.value)
-
-    async def until_view(
-        self, session_id: str, condition: Callable[[dict[str, Any]], bool]
-    ) -> dict[str, Any]:
-        """Views are published by the actor after it handles a message: poll for the change."""
-        for _ in range(200):
-            view = await self.view(session_id)
-            if condition(view):
-                return view
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"condition never met: {view}")
-
-
-@pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
-    store = MemoryStore()
-    registry = Registry(store)
-    gateway = FakeGateway()
-    microservices = FakeMicroservices()
-    deps = SessionDeps(
-        gateway=gateway,  # type: ignore[arg-type]
-        microservices=microservices,  # type: ignore[arg-type]
-        registry=registry,
-        join_timeout=5.0,
-        room_empty_timeout=60,
-        client_token_ttl=3600,
-        teardown_timeout=1.0,
-    )
-    supervisor = Supervisor(registry, store, deps)
-    await supervisor.start()
-    yield Harness(supervisor, gateway, microservices, registry)
-    await supervisor.aclose(timeout=2)
 
 
 def test_the_state_table_only_ends_through_terminating() -> None:
