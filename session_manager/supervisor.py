@@ -116,6 +116,7 @@ class UpdateService:
     service_id: str
     endpoint: str | None
     metadata: JsonDict | None
+    draining: bool | None
     reply: asyncio.Future[JsonDict]
 
 
@@ -329,7 +330,9 @@ class Supervisor:
                 log.info("microservice registered", extra={"service_id": sid})
                 settle(reply, record.view())
             case UpdateService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
-                record = await registry.update(sid, endpoint=endpoint, metadata=meta)
+                record = await registry.update(
+                    sid, endpoint=endpoint, metadata=meta, draining=message.draining
+                )
                 log.info("microservice updated", extra={"service_id": sid})
                 settle(reply, record.view())
             case DrainService(service_id=sid, reply=reply):

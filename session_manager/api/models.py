@@ -85,6 +85,7 @@ class HealthResponse(BaseModel):
 class UpdateServiceRequest(_Request):
     endpoint: str | None = None
     metadata: dict[str, Any] | None = None
+    draining: bool | None = None  # false takes a drained instance back into service
 
     @field_validator("endpoint")
     @classmethod

@@ -230,7 +230,7 @@ async def update_microservice(request: web.Request) -> web.Response:
     service_id = request.match_info["service_id"]
     body = UpdateServiceRequest.model_validate_json(await _body(request))
     view: JsonDict = await _supervisor(request).ask(
-        lambda reply: UpdateService(service_id, body.endpoint, body.metadata, reply)
+        lambda reply: UpdateService(service_id, body.endpoint, body.metadata, body.draining, reply)
     )
     return json_response(view)
 

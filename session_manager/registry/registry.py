@@ -145,29 +145,31 @@ class Registry:
         return record
 
     async def update(
-        self, service_id: str, *, endpoint: str | None, metadata: dict[str, Any] | None
+        self,
+        service_id: str,
+        *,
+        endpoint: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        draining: bool | None = None,
     ) -> ServiceRecord:
         record = self.get(service_id)
-        old = (record.endpoint, record.metadata, record.updated_at)
+        old = (record.endpoint, record.metadata, record.draining, record.updated_at)
         if endpoint is not None:
             record.endpoint = endpoint
         if metadata is not None:
             record.metadata = metadata
+        if draining is not None:
+            record.draining = draining
         record.updated_at = utc_now()
         try:
             await self._store.save_service(record.stored())
         except BaseException:
-            record.endpoint, record.metadata, record.updated_at = old
+            record.endpoint, record.metadata, record.draining, record.updated_at = old
             raise
         return record
 
     async def set_draining(self, service_id: str) -> ServiceRecord:
-        record = self.get(service_id)
-        if not record.draining:
-            record.draining = True
-            record.updated_at = utc_now()
-            await self._store.save_service(record.stored())
-        return record
+        return await self.update(service_id, draining=True)
 
     async def deregister(self, service_id: str) -> ServiceRecord:
         record = self.get(service_id)

@@ -17,6 +17,7 @@ from .redaction import describe_error
 logger = logging.getLogger(__name__)
 
 REGISTER_PATH = "/api/v1/microservices/register"
+SERVICES_PATH = "/api/v1/microservices"
 
 
 class RegistrationError(RuntimeError):
@@ -94,6 +95,36 @@ async def _attempt(http: aiohttp.ClientSession, url: str, payload: RegisterReque
         return _Answer(_Verdict.RETRY, describe_error(error))
 
 
+async def _refresh(
+    http: aiohttp.ClientSession, manager_url: str, payload: RegisterRequest
+) -> _Answer:
+    url = f"{manager_url.rstrip('/')}{SERVICES_PATH}/{payload.service_id}"
+    body = {"endpoint": payload.endpoint, "metadata": payload.metadata, "draining": False}
+    try:
+        async with http.put(url, json=body) as response:
+            text = await response.text()
+            if 200 <= response.status < 300:
+                return _Answer(_Verdict.REGISTERED, _manager_message(text))
+            # The registration vanished in between (404): try registering again.
+            return _Answer(_Verdict.RETRY, f"HTTP {response.status}: {_manager_message(text)}")
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return _Answer(_Verdict.RETRY, describe_error(error))
+
+
+async def drain_at_manager(
+    http: aiohttp.ClientSession, manager_url: str, service_id: str
+) -> str | None:
+    """Ask the manager to send this instance no new sessions; best effort, one attempt.
+    Returns what went wrong, if anything."""
+    url = f"{manager_url.rstrip('/')}{SERVICES_PATH}/{service_id}/drain"
+    try:
+        async with http.post(url) as response:
+            await response.read()
+            return None if response.status < 300 else f"HTTP {response.status}"
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return describe_error(error)
+
+
 async def register_until_accepted(
     http: aiohttp.ClientSession,
     manager_url: str,
@@ -114,13 +145,12 @@ async def register_until_accepted(
             logger.info("registered with the session manager", extra=log_fields)
             return
         if answer.verdict is _Verdict.ALREADY_REGISTERED:
-            # The manager keeps the endpoint of the first registration; a restart on another
-            # port would not be picked up.
-            logger.warning(
-                "service id already registered; assuming it is this service",
-                extra={**log_fields, "detail": answer.detail},
-            )
-            return
+            # A restarted service: bring the manager's record up to date (it may have moved to
+            # another port, and it drained itself when it stopped).
+            answer = await _refresh(http, manager_url, payload)
+            if answer.verdict is _Verdict.REGISTERED:
+                logger.info("registration refreshed with the session manager", extra=log_fields)
+                return
         if answer.verdict is _Verdict.REFUSED:
             raise RegistrationError(
                 f"Session manager at {url} refused to register service "

@@ -18,7 +18,7 @@ from .handler import SessionHandler
 from .http_routes import MicroserviceRoutes
 from .owned_tasks import cancel_and_wait
 from .payloads import RegisterRequest
-from .registration import RetryBackoff, register_until_accepted
+from .registration import RetryBackoff, drain_at_manager, register_until_accepted
 from .room_sessions import RoomFactory, RoomSessions
 
 logger = logging.getLogger(__name__)
@@ -188,12 +188,24 @@ class MicroserviceRunner:
             logger.info("microservice shutting down", extra={"service_id": self._service_id})
             # From here join-room answers 503 and health reports shutting_down.
             await cancel_and_wait(self._registration)
+            await self._drain_at_manager()
             await self._sessions.close()
             if self._app_runner is not None:
                 await self._app_runner.cleanup()
             if self._http is not None:
                 await self._http.close()
             logger.info("microservice stopped", extra={"service_id": self._service_id})
+
+    async def _drain_at_manager(self) -> None:
+        """Tell the manager to send no new sessions here; our sessions end as we leave them."""
+        if not self._registered or self._http is None or self._manager_url is None:
+            return
+        error = await drain_at_manager(self._http, self._manager_url, self._service_id)
+        if error is not None:
+            logger.info(
+                "could not mark the service draining at the manager",
+                extra={"service_id": self._service_id, "error": error},
+            )
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -124,6 +124,9 @@ async def test_registry_read_update_drain_and_deregister(manager: Any) -> None:
     assert drained["draining"] is True
     listing = await (await manager.get("/api/v1/microservices?status=draining")).json()
     assert [s["service_id"] for s in listing["microservices"]] == ["asr-1"]
+    back = await manager.put("/api/v1/microservices/asr-1", json={"draining": False})
+    assert (await back.json())["draining"] is False
+    await manager.post("/api/v1/microservices/asr-1/drain")
 
     response = await manager.delete("/api/v1/microservices/asr-1")
     assert response.status == 200

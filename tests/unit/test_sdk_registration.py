@@ -49,6 +49,8 @@ class FakeManager:
     def __init__(self, *answers: Callable[[], web.Response]) -> None:
         self.answers = list(answers)
         self.bodies: list[dict[str, Any]] = []
+        self.updates: list[dict[str, Any]] = []
+        self.drained: list[str] = []
         self.delay_first: float = 0.0
 
     async def register(self, request: web.Request) -> web.Response:
@@ -58,9 +60,19 @@ class FakeManager:
         answer = self.answers[min(len(self.bodies), len(self.answers)) - 1]
         return answer()
 
+    async def update(self, request: web.Request) -> web.Response:
+        self.updates.append(await request.json())
+        return web.json_response({"service_id": request.match_info["service_id"]})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        self.drained.append(request.match_info["service_id"])
+        return web.json_response({"service_id": request.match_info["service_id"]})
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/api/v1/microservices/register", self.register)
+        app.router.add_put("/api/v1/microservices/{service_id}", self.update)
+        app.router.add_post("/api/v1/microservices/{service_id}/drain", self.drain)
         return app
 
 
@@ -160,20 +172,30 @@ async def test_a_manager_that_does_not_answer_in_time_is_retried(serve_manager: 
         assert time.monotonic() - started < 1.5
 
 
-async def test_already_registered_counts_as_registered(
-    serve_manager: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_already_registered_refreshes_the_registration(serve_manager: Any) -> None:
     manager = FakeManager(lambda: error_envelope(400, "Service ID already exists"))
     url = await serve_manager(manager)
 
-    with caplog.at_level(logging.WARNING, logger="session_manager.sdk"):
-        async with make_runner(url) as service:
-            assert service.registered
-            assert len(manager.bodies) == 1
-    assert any(
-        record.levelno == logging.WARNING and "already registered" in record.getMessage()
-        for record in caplog.records
-    )
+    async with make_runner(url) as service:
+        assert service.registered
+        assert len(manager.bodies) == 1
+        # A restarted service may listen elsewhere and drained itself when it stopped.
+        assert manager.updates == [
+            {
+                "endpoint": service.endpoint,
+                "metadata": manager.bodies[0]["metadata"],
+                "draining": False,
+            }
+        ]
+
+
+async def test_shutdown_drains_the_service_at_the_manager(serve_manager: Any) -> None:
+    manager = FakeManager(registered)
+    url = await serve_manager(manager)
+
+    async with make_runner(url) as service:
+        assert manager.drained == []
+    assert manager.drained == [service.service_id]
 
 
 @pytest.mark.parametrize(
