@@ -25,6 +25,7 @@ from session_manager.errors import (
     Conflict,
     ManagerError,
     MicroserviceUnavailable,
+    NoCapacity,
     NotFound,
     SessionGone,
     Timeout,
@@ -331,7 +332,9 @@ class SessionActor:
                 slot.redispatches += 1
         if chosen is None:
             message = f"microservice {slot.requirement} could not join: {reason}"
-            await self._terminate(message, MicroserviceUnavailable(message))
+            # Every instance saying no is a capacity problem, not a broken service.
+            error = NoCapacity(message) if declined else MicroserviceUnavailable(message)
+            await self._terminate(message, error)
             return
         if chosen.service_id != failed:
             registry.release(failed, self.session_id)

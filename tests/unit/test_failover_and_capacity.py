@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from session_manager.dispatch import DispatchOutcome
-from session_manager.errors import Conflict, MicroserviceUnavailable, NoCapacity, NotFound
+from session_manager.errors import Conflict, NoCapacity, NotFound
 from session_manager.livekit.webhooks import ROLE_CLIENT
 from session_manager.session.states import SessionStatus
 from session_manager.supervisor import (
@@ -117,7 +117,7 @@ async def test_a_decline_goes_to_another_instance_at_once(harness: Harness) -> N
 async def test_every_instance_declining_ends_the_session(harness: Harness) -> None:
     await register_pongs(harness, "pong-a", "pong-b")
     harness.microservices.outcomes.update({"pong-a": DECLINE, "pong-b": DECLINE})
-    with pytest.raises(MicroserviceUnavailable, match="type:PONG could not join"):
+    with pytest.raises(NoCapacity, match="type:PONG could not join"):
         await harness.create(required_services=["type:PONG"])
     assert harness.gateway.rooms == set()
 
