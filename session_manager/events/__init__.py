@@ -1,0 +1,85 @@
+"""Events: what happened to sessions and microservices, told to whoever listens.
+
+One writer, many readers, nobody waits on anybody:
+
+- `EventLog.append(type, session_id=…, service_id=…, data=…)` is the only way an event is made.
+  Session actors (and the registry) call it from their own loop; it is synchronous and cheap,
+  assigns the next id, stores the event in a bounded history (a ring of the last `history`
+  events, indexed by session) and wakes the readers interested in it.
+- Readers are cursors into that history (`EventLog.subscribe` → `Subscription`): an SSE client
+  reads at its own pace; a slow or stalled one only falls behind, holding no copy of anything,
+  and if the history moves past it, it gets one `EventsDropped` event naming the ids it missed,
+  whose id lets a `Last-Event-ID` resume continue after the gap. `EventLog.since` serves clients
+  that poll.
+- `sse` exposes both over HTTP (`add_event_routes`); it is the only module here that knows the
+  aiohttp server.
+- `OutboundWebhooks.offer` (an `EventLog` listener) queues each event for every webhook target
+  that wants it; workers POST them signed (`signing`), in order per session, retrying with
+  back-off, from a bounded queue.
+
+No credential leaves in an event: `data` keys naming a token, secret, password or authorization
+are removed when the event is made.
+"""
+
+from session_manager.events.log import DEFAULT_HISTORY, EventListener, EventLog, EventPage
+from session_manager.events.model import (
+    EVENT_TYPE_NAMES,
+    Event,
+    EventType,
+    MissedEvents,
+    MissedReason,
+)
+from session_manager.events.outbound import (
+    DeliveryStats,
+    OutboundWebhooks,
+    WebhookPolicy,
+    WebhookTarget,
+)
+from session_manager.events.signing import (
+    ATTEMPT_HEADER,
+    EVENT_ID_HEADER,
+    EVENT_TYPE_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+    verify_signature,
+)
+from session_manager.events.sse import (
+    EVENTS_PATH,
+    SESSION_EVENTS_PATH,
+    EventRoutes,
+    SessionPresence,
+    add_event_routes,
+    sse_frame,
+)
+from session_manager.events.subscription import Subscription
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "DEFAULT_HISTORY",
+    "EVENTS_PATH",
+    "EVENT_ID_HEADER",
+    "EVENT_TYPE_HEADER",
+    "EVENT_TYPE_NAMES",
+    "SESSION_EVENTS_PATH",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "DeliveryStats",
+    "Event",
+    "EventListener",
+    "EventLog",
+    "EventPage",
+    "EventRoutes",
+    "EventType",
+    "MissedEvents",
+    "MissedReason",
+    "OutboundWebhooks",
+    "SessionPresence",
+    "Subscription",
+    "WebhookPolicy",
+    "WebhookTarget",
+    "add_event_routes",
+    "sign",
+    "sse_frame",
+    "verify_signature",
+]

@@ -1,0 +1,392 @@
+"""Outbound webhooks against real receivers on 127.0.0.1: signatures, retries, order per session,
+type filters, the bounded queue, shutdown; and the signature helpers receivers use."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+from aiohttp import web
+
+from session_manager.events import (
+    EVENT_ID_HEADER,
+    EVENT_TYPE_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    Event,
+    EventLog,
+    EventType,
+    OutboundWebhooks,
+    WebhookPolicy,
+    WebhookTarget,
+    sign,
+    verify_signature,
+)
+from tests.conftest import free_port
+
+T = EventType
+SECRET = "whsec-test"
+FAST = WebhookPolicy(timeout=2.0, max_attempts=4, base_backoff=0.01, max_backoff=0.05)
+
+Answer = Callable[["Delivery"], Awaitable[int]]
+
+
+@dataclass
+class Delivery:
+    """One request the receiver got."""
+
+    body: bytes
+    headers: dict[str, str]
+    status: int = 0
+
+    @property
+    def event(self) -> dict[str, object]:
+        decoded: dict[str, object] = orjson.loads(self.body)
+        return decoded
+
+    @property
+    def event_id(self) -> int:
+        return int(self.headers[EVENT_ID_HEADER])
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver answering each request with `answer(delivery)` (default 200)."""
+
+    url: str = ""
+    requests: list[Delivery] = field(default_factory=list)
+    answer: Answer | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        delivery = Delivery(await request.read(), dict(request.headers))
+        self.requests.append(delivery)
+        delivery.status = await self.answer(delivery) if self.answer else 200
+        return web.Response(status=delivery.status)
+
+    @property
+    def accepted(self) -> list[Delivery]:
+        return [delivery for delivery in self.requests if delivery.status == 200]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with _serve() as started:
+        yield started
+
+
+class _serve:
+    def __init__(self) -> None:
+        self.receiver = Receiver()
+        app = web.Application()
+        app.router.add_post("/hook", self.receiver.handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
+
+    async def __aenter__(self) -> Receiver:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.receiver.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+        return self.receiver
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+
+@pytest.fixture
+async def make_webhooks() -> AsyncIterator[Callable[..., Awaitable[OutboundWebhooks]]]:
+    started: list[OutboundWebhooks] = []
+
+    async def make(
+        *targets: WebhookTarget, policy: WebhookPolicy = FAST, secret: str = SECRET
+    ) -> OutboundWebhooks:
+        webhooks = OutboundWebhooks(targets, secret, policy)
+        await webhooks.start()
+        started.append(webhooks)
+        return webhooks
+
+    yield make
+    for webhooks in started:
+        await webhooks.aclose(timeout=1.0)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll state the code under test records but does not signal."""
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def interleaved_sessions(log: EventLog, per_session: int = 5) -> list[Event]:
+    events = []
+    for n in range(per_session):
+        events.append(log.append(T.SESSION_STATUS_CHANGED, session_id="a", data={"n": n}))
+        events.append(log.append(T.SESSION_STATUS_CHANGED, session_id="b", data={"n": n}))
+    return events
+
+
+def documented_verify(secret: bytes, headers: dict[str, str], body: bytes) -> bool:
+    """The receiver snippet from the `signing` module's documentation, verbatim in spirit."""
+    timestamp = headers["X-SessionManager-Timestamp"]
+    if abs(time.time() - int(timestamp)) > 300:
+        return False
+    expected = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest("sha256=" + expected, headers["X-SessionManager-Signature"])
+
+
+def assert_signed(delivery: Delivery) -> None:
+    assert delivery.headers["Content-Type"] == "application/json"
+    assert documented_verify(SECRET.encode(), delivery.headers, delivery.body)
+    assert verify_signature(
+        SECRET,
+        delivery.headers[TIMESTAMP_HEADER],
+        delivery.body,
+        delivery.headers[SIGNATURE_HEADER],
+    )
+
+
+# delivery ------------------------------------------------------------------------------------
+
+
+async def test_a_receiver_that_fails_twice_gets_every_event_once_signed_in_order(
+    receiver: Receiver, make_webhooks: Callable[..., Awaitable[OutboundWebhooks]]
+) -> None:
+    async def fail_twice(delivery: Delivery) -> int:
+        return 500 if len(receiver.requests) <= 2 else 200
+
+    receiver.answer = fail_twice
+    webhooks = await make_webhooks(WebhookTarget(receiver.url))
+    log = EventLog(first_id=1)
+    log.add_listener(webhooks.offer)
+
+    events = interleaved_sessions(log)
+    await eventually(lambda: len(receiver.accepted) == len(events))
+
+    accepted = receiver.accepted
+    assert sorted(delivery.event_id for delivery in accepted) == [event.id for event in events]
+    for delivery in accepted:
+        assert_signed(delivery)
+        assert delivery.event == orjson.loads(delivery.body)
+        assert delivery.event["id"] == delivery.event_id
+        assert delivery.headers[EVENT_TYPE_HEADER] == delivery.event["type"]
+    for session in ("a", "b"):
+        # Every request for a session, failed ones included: never ahead of an earlier event.
+        tried = [d.event_id for d in receiver.requests if d.event["session_id"] == session]
+        assert tried == sorted(tried)
+        delivered = [d.event_id for d in accepted if d.event["session_id"] == session]
+        assert delivered == [event.id for event in events if event.session_id == session]
+    stats = webhooks.stats()[WebhookTarget(receiver.url)]
+    assert (stats.delivered, stats.retried, stats.failed, stats.dropped) == (10, 2, 0, 0)
+    assert stats.queued == 0
+
+
+async def test_an_event_is_given_up_after_max_attempts_and_the_next_one_still_goes(
+    receiver: Receiver, make_webhooks: Callable[..., Awaitable[OutboundWebhooks]]
+) -> None:
+    log = EventLog(first_id=1)
+
+    async def refuse_the_first(delivery: Delivery) -> int:
+        return 503 if delivery.event_id == 1 else 200
+
+    receiver.answer = refuse_the_first
+    webhooks = await make_webhooks(WebhookTarget(receiver.url))
+    log.add_listener(webhooks.offer)
+    log.append(T.SESSION_CREATED, session_id="s")
+    log.append(T.SESSION_READY, session_id="s")
+
+    await eventually(lambda: len(receiver.accepted) == 1)
+    assert [d.event_id for d in receiver.requests] == [1, 1, 1, 1, 2]
+    stats = webhooks.stats()[WebhookTarget(receiver.url)]
+    assert (stats.delivered, stats.failed, stats.retried) == (1, 1, 3)
+
+
+async def test_a_client_error_is_final_and_429_is_retried(
+    receiver: Receiver, make_webhooks: Callable[..., Awaitable[OutboundWebhooks]]
+) -> None:
+    answers = {1: [400], 2: [429, 200]}
+
+    async def scripted(delivery: Delivery) -> int:
+        return answers[delivery.event_id].pop(0)
+
+    receiver.answer = scripted
+    webhooks = await make_webhooks(WebhookTarget(receiver.url))
+    webhooks.offer(Event(1, T.SESSION_CREATED, "2024-01-01T00:00:00.000Z", session_id="x"))
+    webhooks.offer(Event(2, T.SESSION_CREATED, "2024-01-01T00:00:00.000Z", session_id="y"))
+
+    await eventually(lambda: len(receiver.accepted) == 1)
+    await asyncio.sleep(0.1)
+    assert sorted(d.event_id for d in receiver.requests) == [1, 2, 2]
+    stats = webhooks.stats()[WebhookTarget(receiver.url)]
+    assert (stats.delivered, stats.failed, stats.retried) == (1, 1, 1)
+
+
+async def test_an_unreachable_receiver_is_retried_then_counted_as_failed(
+    make_webhooks: Callable[..., Awaitable[OutboundWebhooks]],
+) -> None:
+    target = WebhookTarget(f"http://127.0.0.1:{free_port()}/hook")
+    webhooks = await make_webhooks(target)
+    log = EventLog(first_id=1)
+    log.add_listener(webhooks.offer)
+    log.append(T.SESSION_CREATED, session_id="s")
+
+    await eventually(lambda: webhooks.stats()[target].failed == 1)
+    stats = webhooks.stats()[target]
+    assert (stats.retried, stats.delivered, stats.queued) == (FAST.max_attempts - 1, 0, 0)
+
+
+async def test_targets_get_only_the_types_they_asked_for(
+    make_webhooks: Callable[..., Awaitable[OutboundWebhooks]],
+) -> None:
+    async with _serve() as everything, _serve() as endings:
+        only_endings = WebhookTarget(endings.url, frozenset({"SessionTerminated"}))
+        await_all = await make_webhooks(WebhookTarget(everything.url), only_endings)
+        log = EventLog(first_id=1)
+        log.add_listener(await_all.offer)
+        log.append(T.SESSION_CREATED, session_id="s")
+        log.append(T.MICROSERVICE_REGISTERED, service_id="asr-1")
+        ended = log.append(T.SESSION_TERMINATED, session_id="s", data={"reason": "done"})
+
+        await eventually(lambda: len(everything.accepted) == 3)
+        await await_all.aclose(timeout=1.0)
+        assert [d.event_id for d in endings.accepted] == [ended.id]
+        assert endings.accepted[0].event["data"] == {"reason": "done"}
+
+
+async def test_a_full_queue_drops_new_events_and_counts_them(
+    receiver: Receiver, make_webhooks: Callable[..., Awaitable[OutboundWebhooks]]
+) -> None:
+    release = asyncio.Event()
+
+    async def hold(delivery: Delivery) -> int:
+        await release.wait()
+        return 200
+
+    receiver.answer = hold
+    target = WebhookTarget(receiver.url)
+    webhooks = await make_webhooks(target, policy=WebhookPolicy(max_queue=3, base_backoff=0.01))
+    log = EventLog(first_id=1)
+    log.add_listener(webhooks.offer)
+    for _ in range(10):
+        log.append(T.SESSION_STATUS_CHANGED, session_id="s")  # never waits on the receiver
+    assert log.last_id == 10
+    stats = webhooks.stats()[target]
+    assert (stats.queued, stats.dropped) == (3, 7)
+
+    release.set()
+    await eventually(lambda: webhooks.stats()[target].delivered == 3)
+    assert [d.event_id for d in receiver.accepted] == [1, 2, 3]
+    log.append(T.SESSION_TERMINATED, session_id="s")  # room again once the queue drained
+    await eventually(lambda: len(receiver.accepted) == 4)
+    assert receiver.accepted[-1].event_id == 11
+
+
+async def test_aclose_delivers_what_is_queued_before_returning(
+    receiver: Receiver,
+) -> None:
+    target = WebhookTarget(receiver.url)
+    webhooks = OutboundWebhooks([target], SECRET, FAST)
+    await webhooks.start()
+    log = EventLog(first_id=1)
+    log.add_listener(webhooks.offer)
+    interleaved_sessions(log)
+
+    await webhooks.aclose(timeout=5.0)
+
+    assert sorted(d.event_id for d in receiver.accepted) == list(range(1, 11))
+    assert webhooks.stats()[target].delivered == 10
+    log.append(T.SESSION_CREATED, session_id="late")
+    assert webhooks.stats()[target].dropped == 1
+    await webhooks.aclose()  # twice is fine
+
+
+async def test_aclose_gives_up_after_its_timeout_and_leaves_no_task_behind(
+    receiver: Receiver,
+) -> None:
+    async def hang(delivery: Delivery) -> int:
+        await asyncio.sleep(30)
+        return 200
+
+    receiver.answer = hang
+    target = WebhookTarget(receiver.url)
+    webhooks = OutboundWebhooks([target], SECRET, FAST)
+    await webhooks.start()
+    for n in range(3):
+        webhooks.offer(Event(n + 1, T.CLIENT_JOINED, "2024-01-01T00:00:00.000Z", session_id="s"))
+    await eventually(lambda: len(receiver.requests) == 1)
+
+    started = time.monotonic()
+    await webhooks.aclose(timeout=0.2)
+
+    assert time.monotonic() - started < 2.0
+    stats = webhooks.stats()[target]
+    assert (stats.delivered, stats.dropped, stats.queued) == (0, 3, 0)
+    leftovers = [task for task in asyncio.all_tasks() if task.get_name().startswith("webhook-")]
+    assert leftovers == []
+
+
+async def test_no_targets_means_nothing_to_start_and_no_secret_needed() -> None:
+    webhooks = OutboundWebhooks([], "")
+    await webhooks.start()
+    webhooks.offer(Event(1, T.SESSION_CREATED, "2024-01-01T00:00:00.000Z"))
+    await webhooks.aclose()
+    assert webhooks.stats() == {}
+
+
+def test_targets_need_a_secret() -> None:
+    with pytest.raises(ValueError, match="secret"):
+        OutboundWebhooks([WebhookTarget("http://127.0.0.1:9/hook")], "")
+
+
+# targets -------------------------------------------------------------------------------------
+
+
+def test_a_target_parses_from_its_setting_text() -> None:
+    plain = WebhookTarget.parse("https://hooks.example.com/in/abc123")
+    assert plain == WebhookTarget("https://hooks.example.com/in/abc123", None)
+    limited = WebhookTarget.parse("http://127.0.0.1:9000/hook SessionReady, SessionTerminated")
+    assert limited.types == frozenset({"SessionReady", "SessionTerminated"})
+    assert limited.wants("SessionReady")
+    assert not limited.wants("SessionCreated")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["ftp://example.com/hook", "/relative/hook", "http://127.0.0.1/hook SessionCreatd"],
+)
+def test_a_bad_target_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError):
+        WebhookTarget.parse(spec)
+
+
+def test_a_target_is_logged_without_its_path_or_credentials() -> None:
+    target = WebhookTarget("https://user:pw@hooks.example.com:8443/services/T0/B0/XyZsecret?k=v")
+    assert target.origin == "https://hooks.example.com:8443"
+    assert "XyZsecret" not in repr(target)
+    assert "pw" not in repr(target)
+
+
+# signatures ----------------------------------------------------------------------------------
+
+
+def test_verify_signature_accepts_the_real_one_and_nothing_else() -> None:
+    body = b'{"id":1,"type":"SessionReady"}'
+    now = 1_700_000_000
+    header = sign(SECRET, now, body)
+    assert header.startswith("sha256=")
+    assert len(header) == len("sha256=") + 64
+
+    assert verify_signature(SECRET, str(now), body, header, now=now + 10)
+    assert not verify_signature(SECRET, now, body + b" ", header, now=now)
+    assert not verify_signature("other-secret", now, body, header, now=now)
+    assert not verify_signature(SECRET, now + 1, body, header, now=now)
+    assert not verify_signature(SECRET, now, body, header, now=now + 301)  # a replay
+    assert verify_signature(SECRET, now, body, header, tolerance=None, now=now + 10_000)
+    assert verify_signature(SECRET, now, body, f"sha256=00ff, {header}", now=now)  # rotation
+    assert not verify_signature(SECRET, "soon", body, header, now=now)
