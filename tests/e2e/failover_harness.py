@@ -1,0 +1,241 @@
+"""Helpers for the failover end-to-end tests: a real `session-manager` (with its managed
+livekit-server) on random free ports, real pong instances, the manager's HTTP API, and polling
+with deadlines. Processes are started and cleaned up as in test_ping_pong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+
+from tests.e2e.test_ping_pong import (
+    REPO_ROOT,
+    ChildProcess,
+    Children,
+    is_alive,
+    kill_leftovers,
+    livekit_children,
+    session_manager_command,
+)
+
+T = TypeVar("T")
+JsonDict = dict[str, Any]
+
+HEALTH_TIMEOUT = 60.0
+REGISTRATION_TIMEOUT = 20.0
+POLL_INTERVAL = 0.1
+HTTP_TIMEOUT = 30.0
+
+
+def require_netns() -> None:
+    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
+        pytest.fail("run through scripts/test.sh: this test needs the private network namespace")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def manager_flags(port: int, **settings: float | int | str) -> list[str]:
+    """Flags for a manager on `port` with its LiveKit on free ports and an in-memory store;
+    `settings` (snake_case names) become further `--flag value` pairs."""
+    flags = {
+        "port": port,
+        "livekit_port": free_port(),
+        "livekit_rtc_tcp_port": free_port(),
+        "livekit_rtc_udp_port": free_port(socket.SOCK_DGRAM),
+        "store": "memory",
+        "shutdown_timeout": 5,
+        **settings,
+    }
+    argv: list[str] = []
+    for name, value in flags.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def pong_command(service_id: str, port: int, manager_url: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "examples.pong",
+        "--service-id",
+        service_id,
+        "--port",
+        str(port),
+        "--manager-url",
+        manager_url,
+        "--type",
+        "PONG",
+    ]
+
+
+# ------------------------------------------------------------------------------------- polling
+
+
+async def poll(
+    fetch: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout: float, what: str
+) -> T:
+    """Call `fetch` until `done` accepts its result; fail with the last result at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if done(value):
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"{what} not reached within {timeout} s; last seen: {value!r}")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+# ----------------------------------------------------------------------------------- HTTP API
+
+
+@dataclass
+class Api:
+    http: aiohttp.ClientSession
+    base_url: str
+
+    async def call(
+        self, method: str, path: str, body: JsonDict | None = None
+    ) -> tuple[int, JsonDict]:
+        async with self.http.request(method, self.base_url + path, json=body) as response:
+            answer: JsonDict = await response.json(content_type=None)
+            return response.status, answer
+
+    async def ok(self, method: str, path: str, body: JsonDict | None = None) -> JsonDict:
+        status, answer = await self.call(method, path, body)
+        assert status == 200, f"{method} {path}: HTTP {status}: {answer}"
+        return answer
+
+    async def session(self, session_id: str) -> JsonDict:
+        return await self.ok("GET", f"/api/v1/sessions/{session_id}")
+
+    async def microservice(self, service_id: str) -> JsonDict:
+        return await self.ok("GET", f"/api/v1/microservices/{service_id}")
+
+    async def create_session(self, user_identity: str, required: list[str]) -> JsonDict:
+        body = {
+            "user_identity": user_identity,
+            "required_services": required,
+            "wait_until_ready": True,
+        }
+        return await self.ok("POST", "/api/v1/create-session", body)
+
+    async def wait_for_status(self, session_id: str, status: str, timeout: float) -> JsonDict:
+        return await poll(
+            lambda: self.session(session_id),
+            lambda view: view["status"] == status,
+            timeout,
+            f"session {session_id} {status}",
+        )
+
+
+async def wait_for_health(api: Api, manager: ChildProcess) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    last_error = "no attempt yet"
+    while time.monotonic() < deadline:
+        if not manager.running:
+            pytest.fail(f"session-manager exited with {manager.process.returncode} before /health")
+        try:
+            status, body = await api.call("GET", "/health")
+            if status == 200 and body.get("status") == "healthy":
+                return
+            last_error = f"HTTP {status}: {body}"
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            last_error = repr(error)
+        await asyncio.sleep(POLL_INTERVAL)
+    pytest.fail(f"GET /health did not answer healthy within {HEALTH_TIMEOUT} s: {last_error}")
+
+
+# ------------------------------------------------------------------------------ the processes
+
+
+@dataclass
+class Pong:
+    service_id: str
+    url: str
+    child: ChildProcess
+
+    async def health(self, http: aiohttp.ClientSession) -> JsonDict:
+        async with http.get(f"{self.url}/health") as response:
+            assert response.status == 200, await response.text()
+            body: JsonDict = await response.json()
+            return body
+
+
+@dataclass
+class Stack:
+    """A running manager and the pongs started against it."""
+
+    api: Api
+    children: Children
+    manager: ChildProcess
+    pongs: dict[str, Pong]
+
+    async def start_pong(self, service_id: str) -> Pong:
+        port = free_port()
+        command = pong_command(service_id, port, self.api.base_url)
+        child = await self.children.start(service_id, command, REPO_ROOT)
+        pong = Pong(service_id, f"http://127.0.0.1:{port}", child)
+        self.pongs[service_id] = pong
+        await poll(
+            lambda: self._registration(pong),
+            lambda status: status == "Healthy",
+            REGISTRATION_TIMEOUT,
+            f"{service_id} registered and Healthy",
+        )
+        return pong
+
+    async def _registration(self, pong: Pong) -> str | None:
+        if not pong.child.running:
+            pytest.fail(f"{pong.service_id} exited with {pong.child.process.returncode}")
+        status, body = await self.api.call("GET", f"/api/v1/microservices/{pong.service_id}")
+        return str(body["status"]) if status == 200 else None
+
+
+@asynccontextmanager
+async def running_manager(tmp_path: Path, **settings: float | int | str) -> AsyncIterator[Stack]:
+    """Start `session-manager` with `settings` as flags; on exit stop every child (manager last),
+    check the manager exited 0 and left no livekit-server, and print log tails on failure."""
+    require_netns()
+    cwd = tmp_path / "manager-cwd"
+    cwd.mkdir()
+    port = free_port()
+    children = Children(tmp_path)
+    command = session_manager_command() + manager_flags(port, **settings)
+    manager = await children.start("session-manager", command, cwd)
+    livekit_pids: set[int] = set()
+    try:
+        try:
+            timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                api = Api(http, f"http://127.0.0.1:{port}")
+                await wait_for_health(api, manager)
+                livekit_pids = livekit_children(manager.pid)
+                assert livekit_pids, "the manager started no livekit-server child"
+                yield Stack(api, children, manager, {})
+        finally:
+            await children.stop_all()
+        assert manager.process.returncode == 0, (
+            f"session-manager exited with {manager.process.returncode}"
+        )
+        left = {pid for pid in livekit_pids if is_alive(pid)}
+        kill_leftovers(left)
+        assert not left, f"livekit-server processes left running after the manager: {left}"
+    except BaseException:
+        children.print_log_tails()
+        raise
