@@ -100,6 +100,26 @@ class Settings(BaseModel):
         6 * 3600.0, gt=0, description="client token lifetime without duration_limit (seconds)"
     )
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+
+    event_history: int = Field(
+        10_000, ge=1, description="events kept for Last-Event-ID resumption and polling"
+    )
+    event_keepalive: float = Field(
+        15.0, gt=0, description="seconds between SSE keep-alive comments on an idle stream"
+    )
+    webhooks: list[str] = Field(
+        default_factory=list,
+        description="outbound webhook targets: 'URL' or 'URL Type,Type' (env/flag: ';'-separated)",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key that signs outbound webhooks"
+    )
+    webhook_timeout: float = Field(5.0, gt=0, description="seconds for one webhook POST")
+    webhook_max_attempts: int = Field(5, ge=1, description="attempts per webhook delivery")
+    webhook_backoff: float = Field(0.5, gt=0, description="first webhook retry delay (doubles)")
+    webhook_max_backoff: float = Field(30.0, gt=0, description="longest webhook retry delay")
+    webhook_queue: int = Field(10_000, ge=1, description="webhook deliveries waiting, at most")
+    webhook_concurrency: int = Field(4, ge=1, description="webhook POSTs in flight per target")
     shutdown_timeout: float = Field(10.0, gt=0, description="seconds for each shutdown stage")
 
     @field_validator("livekit_url", "livekit_public_url", "livekit_webhook_url")
@@ -111,6 +131,24 @@ class Settings(BaseModel):
         if parts.scheme not in {"ws", "wss", "http", "https"} or not parts.hostname:
             raise ValueError("must be an absolute ws(s):// or http(s):// URL")
         return value.rstrip("/")
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _split_targets(cls, value: object) -> object:
+        # From the environment or a flag the list comes as one string: targets split by ';'.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(";") if part.strip()]
+        return value
+
+    @field_validator("webhooks")
+    @classmethod
+    def _webhook_urls(cls, targets: list[str]) -> list[str]:
+        for target in targets:
+            url = target.split(" ", 1)[0]
+            parts = urlsplit(url)
+            if parts.scheme not in {"http", "https"} or not parts.hostname:
+                raise ValueError(f"{url!r} is not an absolute http(s) URL")
+        return targets
 
     @property
     def uses_managed_livekit(self) -> bool:
@@ -193,7 +231,15 @@ def load_settings(
             raise SettingsError(f"unknown setting {field} (from {where})") from None
         raise SettingsError(f"invalid setting {field} (from {where}): {first['msg']}") from None
     _check_livekit_credentials(settings)
+    _check_webhooks(settings)
     return settings
+
+
+def _check_webhooks(settings: Settings) -> None:
+    if settings.webhooks and (
+        settings.webhook_secret is None or not settings.webhook_secret.get_secret_value()
+    ):
+        raise SettingsError("invalid setting webhook_secret: required when webhooks are set")
 
 
 def _check_livekit_credentials(settings: Settings) -> None:

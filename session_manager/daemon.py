@@ -16,6 +16,7 @@ import aiohttp
 
 from session_manager.config import Settings
 from session_manager.dispatch import DispatchPolicy, MicroserviceClient
+from session_manager.events import EventLog, OutboundWebhooks, WebhookPolicy, WebhookTarget
 from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, make_endpoint
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
 from session_manager.livekit.webhooks import WebhookVerifier
@@ -49,9 +50,11 @@ class Daemon:
         self.api_port = api_port
         self._stack = AsyncExitStack()
         self.store: Store
+        self.events: EventLog
+        self.outbound_webhooks: OutboundWebhooks
         self.registry: Registry
         self.gateway: LiveKitGateway
-        self.webhooks: WebhookVerifier
+        self.livekit_webhooks: WebhookVerifier
         self.supervisor: Supervisor
         self.health: HealthMonitor
         self.livekit_server: ManagedLiveKitServer | None = None
@@ -75,6 +78,25 @@ class Daemon:
         await self.store.open()
         stage("store", self.store.aclose)
 
+        self.events = EventLog(settings.event_history)
+        self.outbound_webhooks = OutboundWebhooks(
+            [WebhookTarget.parse(spec) for spec in settings.webhooks],
+            settings.webhook_secret.get_secret_value() if settings.webhook_secret else "",
+            WebhookPolicy(
+                timeout=settings.webhook_timeout,
+                max_attempts=settings.webhook_max_attempts,
+                base_backoff=settings.webhook_backoff,
+                max_backoff=max(settings.webhook_max_backoff, settings.webhook_backoff),
+                max_queue=settings.webhook_queue,
+                concurrency=settings.webhook_concurrency,
+            ),
+        )
+        await self.outbound_webhooks.start()
+        # Registered before the sessions stage, so it closes after it: the events of sessions
+        # ended at shutdown are still delivered.
+        stage("outbound webhooks", lambda: self.outbound_webhooks.aclose(settings.shutdown_timeout))
+        self.events.add_listener(self.outbound_webhooks.offer)
+
         self.registry = Registry(
             self.store,
             unhealthy_after=settings.unhealthy_after,
@@ -86,7 +108,7 @@ class Daemon:
         self.gateway = LiveKitGateway(endpoint, timeout=settings.livekit_timeout)
         await self.gateway.start()
         stage("livekit gateway", self.gateway.aclose)
-        self.webhooks = WebhookVerifier(endpoint.api_key, endpoint.api_secret)
+        self.livekit_webhooks = WebhookVerifier(endpoint.api_key, endpoint.api_secret)
 
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
         stage("microservice client", http.close)
@@ -99,6 +121,7 @@ class Daemon:
             ),
         )
         deps = SessionDeps(
+            events=self.events,
             gateway=self.gateway,
             microservices=microservices,
             registry=self.registry,
@@ -111,7 +134,11 @@ class Daemon:
             client_reconnect_grace=settings.client_reconnect_grace,
         )
         self.supervisor = Supervisor(
-            self.registry, self.store, deps, idempotency_ttl=settings.idempotency_ttl
+            self.registry,
+            self.store,
+            deps,
+            events=self.events,
+            idempotency_ttl=settings.idempotency_ttl,
         )
         await self.supervisor.start()
         stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
@@ -121,6 +148,7 @@ class Daemon:
             microservices,
             interval=settings.health_interval,
             timeout=settings.health_timeout,
+            on_change=self.supervisor.health_changed,
         )
         await self.health.start()
         stage("health monitor", self.health.aclose)
@@ -173,8 +201,11 @@ class Daemon:
         self._stack.push_async_callback(run_stage)
 
     def drain(self) -> None:
+        """Stop taking sessions and end the event streams, so in-flight HTTP can finish."""
         if hasattr(self, "supervisor"):
             self.supervisor.drain()
+        if hasattr(self, "events"):
+            self.events.close()
 
     async def aclose(self) -> None:
         """Tear down in reverse order of start; safe to call twice."""

@@ -25,12 +25,15 @@ from session_manager.errors import (
     NotFound,
     ShuttingDown,
 )
+from session_manager.events import EventLog, EventType
 from session_manager.livekit.webhooks import RoomEvent
 from session_manager.registry import Registry, ServiceRecord
+from session_manager.registry.registry import HealthChange, ServiceStatus
 from session_manager.session.actor import SessionActor, SessionDeps
 from session_manager.session.messages import (
     AddService,
     CreateOptions,
+    InstanceLost,
     RemoveService,
     RoomEventArrived,
     SessionCreated,
@@ -159,6 +162,11 @@ class ActorExited:
 
 
 @dataclass(frozen=True)
+class ServiceHealthChanged:
+    change: HealthChange
+
+
+@dataclass(frozen=True)
 class IdempotentCreateFinished:
     key: str
     outcome: asyncio.Future[SessionCreated]
@@ -179,6 +187,7 @@ SupervisorMessage = (
     | ListServices
     | LiveKitEvent
     | ActorExited
+    | ServiceHealthChanged
     | IdempotentCreateFinished
 )
 
@@ -204,8 +213,10 @@ class Supervisor:
         store: Store,
         deps: SessionDeps,
         *,
+        events: EventLog,
         idempotency_ttl: float = 86400.0,
     ) -> None:
+        self._events = events
         self._registry = registry
         self._store = store
         self._deps = deps
@@ -236,6 +247,11 @@ class Supervisor:
     @property
     def live_sessions(self) -> int:
         return len(self._children)
+
+    def health_changed(self, change: HealthChange) -> None:
+        """Called by the health monitor: record the change; sessions lose an instance that
+        turned Unhealthy at once, instead of waiting for LiveKit to notice it is gone."""
+        self.tell(ServiceHealthChanged(change))
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -317,6 +333,8 @@ class Supervisor:
                 self._route(event)
             case ActorExited(session_id=session_id, task=task):
                 self._reap(session_id, task)
+            case ServiceHealthChanged(change=change):
+                self._on_health_changed(change)
             case IdempotentCreateFinished(key=key, outcome=outcome):
                 await self._finish_idempotent_create(key, outcome)
             case _:
@@ -327,27 +345,53 @@ class Supervisor:
         match message:
             case RegisterService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
                 record = await registry.register(sid, endpoint, meta)
-                log.info("microservice registered", extra={"service_id": sid})
+                self._registry_changed(
+                    "microservice registered", EventType.MICROSERVICE_REGISTERED, record
+                )
                 settle(reply, record.view())
             case UpdateService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
                 record = await registry.update(
                     sid, endpoint=endpoint, metadata=meta, draining=message.draining
                 )
-                log.info("microservice updated", extra={"service_id": sid})
+                self._registry_changed(
+                    "microservice updated", EventType.MICROSERVICE_UPDATED, record
+                )
                 settle(reply, record.view())
             case DrainService(service_id=sid, reply=reply):
                 record = await registry.set_draining(sid)
-                log.info("microservice draining", extra={"service_id": sid})
+                self._registry_changed(
+                    "microservice draining", EventType.MICROSERVICE_UPDATED, record
+                )
                 settle(reply, record.view())
             case DeregisterService(service_id=sid, reply=reply):
                 record = await registry.deregister(sid)
-                log.info("microservice deregistered", extra={"service_id": sid})
+                self._registry_changed(
+                    "microservice deregistered", EventType.MICROSERVICE_DEREGISTERED, record
+                )
                 settle(reply, record.view())
             case GetService(service_id=sid, reply=reply):
                 settle(reply, registry.get(sid).view())
             case ListServices(service_type=service_type, status=status, reply=reply):
                 records = registry.listing(service_type=service_type, status=status)
                 settle(reply, [record.view() for record in records])
+
+    def _registry_changed(self, message: str, event: EventType, record: ServiceRecord) -> None:
+        log.info(message, extra={"service_id": record.service_id})
+        self._events.append(event, service_id=record.service_id, data=record.view())
+
+    def _on_health_changed(self, change: HealthChange) -> None:
+        self._events.append(
+            EventType.MICROSERVICE_HEALTH_CHANGED,
+            service_id=change.service_id,
+            data={"old": change.old.value, "new": change.new.value, "error": change.error},
+        )
+        if change.new is not ServiceStatus.UNHEALTHY:
+            return
+        record = self._registry.find(change.service_id)
+        for session_id in sorted(record.sessions) if record else ():
+            child = self._children.get(session_id)
+            if child is not None:
+                child.actor.tell(InstanceLost(change.service_id, f"unhealthy: {change.error}"))
 
     # sessions --------------------------------------------------------------------------------
 

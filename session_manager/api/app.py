@@ -11,6 +11,11 @@ from session_manager.api.errors import error_middleware
 from session_manager.api.routes import DAEMON, routes
 from session_manager.config import Settings
 from session_manager.daemon import Daemon
+from session_manager.errors import NotFound
+from session_manager.events import SessionPresence, add_event_routes
+from session_manager.session.record import JsonDict
+from session_manager.session.states import SessionStatus
+from session_manager.supervisor import GetSession
 
 
 def create_app(settings: Settings, *, api_port: int | None = None) -> web.Application:
@@ -29,6 +34,22 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
     async def stop_taking_sessions(app: web.Application) -> None:
         app[DAEMON].drain()
 
+    async def session_presence(request: web.Request, session_id: str) -> SessionPresence:
+        try:
+            view: JsonDict = await request.app[DAEMON].supervisor.ask(
+                lambda reply: GetSession(session_id, reply)
+            )
+        except NotFound:
+            return SessionPresence.UNKNOWN
+        ended = view["status"] == SessionStatus.TERMINATED.value
+        return SessionPresence.ENDED if ended else SessionPresence.LIVE
+
+    add_event_routes(
+        app,
+        event_log=lambda request: request.app[DAEMON].events,
+        session_presence=session_presence,
+        keepalive=settings.event_keepalive,
+    )
     app.cleanup_ctx.append(daemon_context)
     app.on_shutdown.append(stop_taking_sessions)
     return app

@@ -256,7 +256,7 @@ async def livekit_webhook(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     body = (await request.read()).decode("utf-8", errors="replace")
     try:
-        event = daemon.webhooks.verify(body, request.headers.get("Authorization", ""))
+        event = daemon.livekit_webhooks.verify(body, request.headers.get("Authorization", ""))
     except WebhookRejected as exc:
         log.warning("webhook rejected", extra={"reason": str(exc)})
         raise web.HTTPUnauthorized(text=f"webhook rejected: {exc}") from None

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -30,6 +30,7 @@ from session_manager.errors import (
     SessionGone,
     Timeout,
 )
+from session_manager.events import EventLog, EventType
 from session_manager.livekit.gateway import LiveKitGateway
 from session_manager.livekit.webhooks import (
     ROLE_ATTRIBUTE,
@@ -47,6 +48,7 @@ from session_manager.session.messages import (
     CreateOptions,
     DispatchFinished,
     DurationLimitReached,
+    InstanceLost,
     JoinDeadlinePassed,
     RemoveService,
     RoomEventArrived,
@@ -72,6 +74,7 @@ TOKEN_MARGIN = timedelta(minutes=10)
 class SessionDeps:
     """What every session actor uses, shared and owned by the daemon."""
 
+    events: EventLog
     gateway: LiveKitGateway
     microservices: MicroserviceClient
     registry: Registry
@@ -129,6 +132,14 @@ class SessionActor:
 
     async def run(self) -> None:
         try:
+            self._emit(
+                EventType.SESSION_CREATED,
+                room_name=self.record.room_name,
+                user_identity=self.record.user_identity,
+                user_name=self.record.user_name,
+                metadata=self.record.metadata,
+                required_services=list(self.record.services),
+            )
             self._publish()
             while self.record.status is not S.TERMINATED:
                 message = await self._inbox.get()
@@ -188,6 +199,8 @@ class SessionActor:
                     settle(reply, error=exc)
                 else:
                     settle(reply, self.record.view())
+            case InstanceLost(service_id=service_id, reason=reason):
+                self._on_instance_lost(service_id, reason)
             case Terminate(reason=reason, reply=reply):
                 await self._terminate(reason)
                 settle(reply, self.record.view())
@@ -255,6 +268,13 @@ class SessionActor:
         slot.dispatched_at = utc_now()
         self._dispatching.add(slot.requirement)
         log.debug("dispatching service", extra=self._log_extra(service_id=slot.service_id))
+        self._emit(
+            EventType.MICROSERVICE_DISPATCHED,
+            service_id=slot.service_id,
+            requirement=slot.requirement,
+            endpoint=slot.endpoint,
+            redispatches=slot.redispatches,
+        )
         self._spawn(self._join_room(slot.requirement, slot.endpoint, request))
 
     async def _join_room(self, requirement: str, endpoint: str, request: JoinRoomRequest) -> None:
@@ -283,6 +303,14 @@ class SessionActor:
                 extra=self._log_extra(
                     service_id=slot.service_id, error=outcome.error, declined=outcome.declined
                 ),
+            )
+            self._emit(
+                EventType.MICROSERVICE_DISPATCH_FAILED,
+                service_id=slot.service_id,
+                requirement=requirement,
+                error=outcome.error,
+                declined=outcome.declined,
+                attempts=outcome.attempts,
             )
             if outcome.declined:
                 slot.declined_by.append(slot.service_id)
@@ -423,6 +451,10 @@ class SessionActor:
 
     def _on_client(self, joined: bool) -> None:
         record = self.record
+        self._emit(
+            EventType.CLIENT_JOINED if joined else EventType.CLIENT_LEFT,
+            identity=record.user_identity,
+        )
         record.client_present = joined
         if joined:
             record.client_joined_at = record.client_joined_at or utc_now()
@@ -436,9 +468,46 @@ class SessionActor:
         if joined:
             slot.state, slot.joined_at, slot.error = ServiceState.JOINED, utc_now(), None
             slot.retried_in_place = False
+            self._emit(
+                EventType.MICROSERVICE_JOINED,
+                service_id=slot.service_id,
+                requirement=slot.requirement,
+                join_ms=slot.view()["join_ms"],
+            )
             return
         slot.state, slot.left_at = ServiceState.LEFT, utc_now()
+        self._emit(
+            EventType.MICROSERVICE_LEFT, service_id=slot.service_id, requirement=slot.requirement
+        )
         await self._replace(slot, "left the room")
+
+    def _on_instance_lost(self, service_id: str, reason: str) -> None:
+        """An instance turned Unhealthy: move its slot to another instance now, rather than
+        wait the ~20 s LiveKit takes to declare a vanished participant gone. With no other
+        instance to go to, keep it: LiveKit's own verdict will follow."""
+        slot = self.record.slot_of(service_id)
+        if slot is None or self.record.status not in (S.WAITING_FOR_SERVICES, S.READY, S.ACTIVE):
+            return
+        in_use = {s.service_id for s in self.record.services.values()}
+        chosen = self._deps.registry.alternative(service_id, exclude={*in_use, *slot.declined_by})
+        if chosen is None or slot.redispatches >= self._deps.max_redispatch:
+            return
+        log.info(
+            "replacing an unhealthy service",
+            extra=self._log_extra(old=service_id, new=chosen.service_id, reason=reason),
+        )
+        self._spawn(self._leave_room(replace(slot)))  # in case it is still in the room
+        self._dispatching.discard(slot.requirement)
+        self._deps.registry.release(service_id, self.session_id)
+        self._deps.registry.acquire(chosen.service_id, self.session_id)
+        slot.redispatches += 1
+        slot.retried_in_place = False
+        slot.assign(chosen.service_id, chosen.endpoint, chosen.service_type)
+        if self.record.status in (S.READY, S.ACTIVE):
+            self._set_status(S.WAITING_FOR_SERVICES)
+        if JoinDeadlinePassed not in self._timers:
+            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+        self._dispatch(slot)
 
     def _role_of(self, event: RoomEvent) -> str | None:
         """Who a participant is, from the attributes we put in the token we minted for it."""
@@ -512,9 +581,19 @@ class SessionActor:
         except Exception:
             log.exception("session teardown failed", extra=self._log_extra())
         if self.record.status is not S.TERMINATED:
+            # Past the state table on purpose: whatever broke, the session must read ended.
+            old = self.record.status
             self.record.status = S.TERMINATED
             self.record.reason = self.record.reason or reason
             self.record.terminated_at = utc_now()
+            with suppress(Exception):
+                self._emit(
+                    EventType.SESSION_STATUS_CHANGED,
+                    old=old.value,
+                    new=S.TERMINATED.value,
+                    reason=self.record.reason,
+                )
+                self._emit(EventType.SESSION_TERMINATED, reason=self.record.reason)
         settle(self._create_reply, error=error)
         with suppress(Exception):
             self._publish()
@@ -539,6 +618,16 @@ class SessionActor:
             self.record.active_at = self.record.active_at or now
         elif new is S.TERMINATED:
             self.record.terminated_at = now
+        self._emit(
+            EventType.SESSION_STATUS_CHANGED,
+            old=old.value,
+            new=new.value,
+            reason=self.record.reason,
+        )
+        if new is S.READY:
+            self._emit(EventType.SESSION_READY, ready_ms=self.record.view()["ready_ms"])
+        elif new is S.TERMINATED:
+            self._emit(EventType.SESSION_TERMINATED, reason=self.record.reason)
         level = logging.INFO if new in (S.READY, S.ACTIVE, S.TERMINATED) else logging.DEBUG
         extra = self._log_extra(old=old.value, new=new.value)
         if self.record.reason and new in (S.TERMINATING, S.TERMINATED):
@@ -547,6 +636,11 @@ class SessionActor:
 
     def _publish(self) -> None:
         self._publish_view(self.record.view())
+
+    def _emit(self, event: EventType, *, service_id: str | None = None, **data: Any) -> None:
+        self._deps.events.append(
+            event, session_id=self.session_id, service_id=service_id, data=data
+        )
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -93,6 +93,14 @@ class RemoveService:
 
 
 @dataclass(frozen=True)
+class InstanceLost:
+    """An instance this session uses is known to be gone (it turned Unhealthy)."""
+
+    service_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Terminate:
     reason: str
     reply: asyncio.Future[Any] | None = None
@@ -109,6 +117,7 @@ SessionMessage = (
     | ClientGraceExpired
     | AddService
     | RemoveService
+    | InstanceLost
     | Terminate
 )
 

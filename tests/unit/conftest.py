@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from session_manager.events import EventLog
 from session_manager.registry import Registry
 from session_manager.session.actor import SessionDeps
 from session_manager.store import MemoryStore
@@ -26,7 +27,9 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
         registry = Registry(store, unhealthy_after=2, healthy_after=2)
         gateway = FakeGateway()
         microservices = FakeMicroservices()
+        events = EventLog(1000, first_id=1)
         values: dict[str, Any] = {
+            "events": events,
             "gateway": gateway,
             "microservices": microservices,
             "registry": registry,
@@ -36,10 +39,10 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
             "teardown_timeout": 1.0,
             **overrides,
         }
-        supervisor = Supervisor(registry, store, SessionDeps(**values))
+        supervisor = Supervisor(registry, store, SessionDeps(**values), events=events)
         await supervisor.start()
         started.append(supervisor)
-        return Harness(supervisor, gateway, microservices, registry)
+        return Harness(supervisor, gateway, microservices, registry, events)
 
     yield make
     for supervisor in started:

@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from session_manager.dispatch import DispatchOutcome, JoinRoomRequest
+from session_manager.events import EventLog
 from session_manager.livekit.gateway import LiveKitEndpoint
 from session_manager.livekit.webhooks import (
     ROLE_ATTRIBUTE,
@@ -75,6 +76,7 @@ class Harness:
     gateway: FakeGateway
     microservices: FakeMicroservices
     registry: Registry
+    events: EventLog
 
     async def create(
         self, *, idempotency_key: str | None = None, body_hash: str = "", **spec: Any

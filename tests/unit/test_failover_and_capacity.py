@@ -267,3 +267,36 @@ async def test_listing_is_newest_first_and_filters(harness: Harness) -> None:
     assert [v["session_id"] for v in anns] == [made[2].session_id, made[0].session_id]
     ended = await harness.ask(lambda r: ListSessions("Terminated", None, 10, None, r))
     assert [v["session_id"] for v in ended] == [made[0].session_id]
+
+
+async def test_an_unhealthy_instance_is_replaced_at_once(harness: Harness) -> None:
+    await register_pongs(harness, "pong-a", "pong-b")
+    created = await harness.create(required_services=["type:PONG"])
+    first = harness.microservices.requests[0].service_identity
+    other = "pong-b" if first == "pong-a" else "pong-a"
+    harness.joined(created, first)
+    await harness.until(created.session_id, S.READY)
+    for _ in range(2):  # unhealthy_after=2 in the harness
+        change = harness.registry.record_health(first, "health check timed out")
+    assert change is not None
+    harness.supervisor.health_changed(change)
+    view = await harness.until_view(
+        created.session_id, lambda v: service_of(v)["service_id"] == other
+    )
+    assert view["status"] == "WaitingForServices"
+    await asyncio.sleep(0.05)
+    assert (f"http://{first}", created.session_id) in harness.microservices.left
+
+
+async def test_an_unhealthy_instance_with_no_stand_in_is_kept(harness: Harness) -> None:
+    await register_pongs(harness, "pong-a")
+    created = await harness.create(required_services=["type:PONG"])
+    harness.joined(created, "pong-a")
+    await harness.until(created.session_id, S.READY)
+    for _ in range(2):
+        change = harness.registry.record_health("pong-a", "health check timed out")
+    assert change is not None
+    harness.supervisor.health_changed(change)
+    await asyncio.sleep(0.05)
+    view = await harness.view(created.session_id)
+    assert view["status"] == "Ready" and service_of(view)["service_id"] == "pong-a"

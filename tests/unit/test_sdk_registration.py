@@ -4,7 +4,6 @@ a loopback port."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
