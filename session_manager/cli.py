@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         envs = [env_name(name)]
         if name in LIVEKIT_ENV_ALIASES:
             envs.insert(0, LIVEKIT_ENV_ALIASES[name])
-        default = field.default if not hasattr(field.default, "get_secret_value") else None
+        default = field.get_default(call_default_factory=True)
+        if hasattr(default, "get_secret_value"):
+            default = None
         help_text = f"{field.description} [env {' or '.join(envs)}; default {default}]"
         # Flags stay strings here: pydantic validates every source the same way, once.
         parser.add_argument(
