@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_BINARY = PROJECT_ROOT / ".cache" / "bin" / "livekit-server"
 MANAGED_API_KEY = "session-manager"
+GRACEFUL_STOP = 2.0  # seconds LiveKit may drain after the first SIGTERM
 
 
 class LiveKitServerError(Exception):
@@ -159,13 +160,35 @@ class ManagedLiveKitServer:
                 await asyncio.sleep(0.05)
 
     async def _relay_output(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        async for raw in self._process.stdout:
+        process = self._process
+        assert process is not None and process.stdout is not None
+        async for raw in process.stdout:
             log.log(
                 TRACE,
                 "livekit-server output",
                 extra={"line": raw.decode(errors="replace").rstrip()},
             )
+        # Its output ends when it exits; if we did not stop it, every room is gone with it.
+        code = await process.wait()
+        if self._process is process:
+            log.error("managed livekit-server exited unexpectedly", extra={"returncode": code})
+
+    @staticmethod
+    async def _stop(process: asyncio.subprocess.Process, timeout: float) -> None:
+        """SIGTERM asks LiveKit to drain; a second SIGTERM makes it exit at once (it can hang
+        draining when stopped just after start). Our rooms are gone by now, so drain briefly."""
+        for signum, wait in ((signal.SIGTERM, GRACEFUL_STOP), (signal.SIGTERM, timeout)):
+            with suppress(ProcessLookupError):
+                process.send_signal(signum)
+            try:
+                await asyncio.wait_for(asyncio.shield(process.wait()), wait)
+                return
+            except TimeoutError:
+                continue
+        log.warning("livekit-server did not stop; killing it")
+        with suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
 
     @property
     def running(self) -> bool:
@@ -174,15 +197,7 @@ class ManagedLiveKitServer:
     async def aclose(self, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
         if process is not None and process.returncode is None:
-            with suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except TimeoutError:
-                log.warning("livekit-server ignored SIGTERM; killing it")
-                with suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+            await self._stop(process, timeout)
         if self._relay is not None:
             self._relay.cancel()
             with suppress(asyncio.CancelledError):
