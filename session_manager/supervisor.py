@@ -18,6 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from session_manager.clock import now_rfc3339
 from session_manager.errors import (
     Conflict,
     InvalidRequest,
@@ -42,6 +43,7 @@ from session_manager.session.messages import (
     settle,
 )
 from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
+from session_manager.session.states import SessionStatus
 from session_manager.store.base import SessionCursor, Store
 
 log = logging.getLogger(__name__)
@@ -256,7 +258,49 @@ class Supervisor:
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._end_orphans()
         self._loop_task = asyncio.create_task(self._run(), name="supervisor")
+
+    async def _end_orphans(self) -> None:
+        """Sessions the store still holds as live lost their actor with the last process (it
+        was killed, or crashed): end them properly — room deleted, Terminated with a reason."""
+        reason = "session manager restarted while the session was live"
+        for status in (S for S in SessionStatus if S is not SessionStatus.TERMINATED):
+            before: SessionCursor | None = None
+            while views := await self._store.list_sessions(
+                status=status.value, user_identity=None, limit=100, before=before
+            ):
+                for view in views:
+                    await self._end_orphan(view, reason)
+                before = (views[-1]["created_at"], views[-1]["session_id"])
+
+    async def _end_orphan(self, view: JsonDict, reason: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self._deps.gateway.delete_room(view["room_name"]), self._deps.teardown_timeout
+            )
+        except (ManagerError, TimeoutError) as exc:
+            log.warning(
+                "orphaned room could not be deleted",
+                extra={"session_id": view["session_id"], "error": str(exc) or "timeout"},
+            )
+        now = now_rfc3339()
+        ended = {
+            **view,
+            "status": SessionStatus.TERMINATED.value,
+            "reason": reason,
+            "terminated_at": now,
+            "updated_at": now,
+        }
+        self._store.save_session(ended)
+        await self._store.flush()
+        self._events.append(
+            EventType.SESSION_TERMINATED, session_id=view["session_id"], data={"reason": reason}
+        )
+        log.warning(
+            "ended a session left live by the previous process",
+            extra={"session_id": view["session_id"], "was": view["status"]},
+        )
 
     def drain(self) -> None:
         """Refuse new sessions; the ones running go on."""

@@ -89,12 +89,20 @@ def livekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitUnderTe
         _wait_until_up(f"http://127.0.0.1:{config.port}/", process, timeout=30)
         yield LiveKitUnderTest(config.url, config.api_key, config.api_secret, webhook_port)
     finally:
+        stop_livekit(process)
+
+
+def stop_livekit(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM; a second one forces LiveKit out of a drain it can hang in; then SIGKILL."""
+    for wait in (2, 5):
         process.terminate()
         try:
-            process.wait(10)
+            process.wait(wait)
+            return
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            continue
+    process.kill()
+    process.wait()
 
 
 # Short timeouts so failure paths finish quickly; each test may override any of them.

@@ -8,6 +8,7 @@ from typing import Any
 
 from livekit import api
 
+from session_manager.store import SqliteStore
 from tests.conftest import room_names
 from tests.fake_services import (
     ScriptedService,
@@ -247,3 +248,28 @@ async def test_services_added_and_removed_over_http(manager: Any) -> None:
         assert view["services"] == [] and view["status"] == "Ready"
         missing = await manager.post("/api/v1/sessions/nope/services", json={"service": "late"})
         assert missing.status == 404
+
+
+async def test_sessions_left_live_by_a_crash_are_ended_at_start(
+    start_manager: Any, make_settings: Any, livekit_api: api.LiveKitAPI
+) -> None:
+    # What a killed manager leaves behind: a live session in its store and its room in LiveKit.
+    settings = make_settings()
+    store = SqliteStore(settings.data_dir / "session-manager.sqlite3")
+    await store.open()
+    view = {
+        "session_id": "orphan-1",
+        "room_name": "room-orphan-1",
+        "status": "Active",
+        "user_identity": "crash",
+        "created_at": "2026-01-01T00:00:00.000Z",
+    }
+    store.save_session(view)
+    await store.aclose()
+    await livekit_api.room.create_room(api.CreateRoomRequest(name="room-orphan-1"))
+
+    manager = await start_manager()
+    ended = await (await manager.get("/api/v1/sessions/orphan-1")).json()
+    assert ended["status"] == "Terminated"
+    assert ended["reason"] == "session manager restarted while the session was live"
+    assert "room-orphan-1" not in await room_names(livekit_api)
