@@ -15,10 +15,30 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from session_manager.clock import now_rfc3339
+from session_manager.commands import (
+    ActorExited,
+    AddSessionService,
+    CreateSession,
+    DeleteSession,
+    DeregisterService,
+    DrainService,
+    GetService,
+    GetSession,
+    IdempotentCreateFinished,
+    ListServices,
+    ListSessions,
+    LiveKitEvent,
+    NewSession,
+    RegisterService,
+    RemoveSessionService,
+    ServiceHealthChanged,
+    SupervisorMessage,
+    UpdateService,
+)
 from session_manager.errors import (
     Conflict,
     InvalidRequest,
@@ -33,7 +53,6 @@ from session_manager.registry.registry import HealthChange, ServiceStatus
 from session_manager.session.actor import SessionActor, SessionDeps
 from session_manager.session.messages import (
     AddService,
-    CreateOptions,
     InstanceLost,
     RemoveService,
     RoomEventArrived,
@@ -50,148 +69,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TERMINATED_BY_REQUEST = "terminated by request"
-
-
-@dataclass(frozen=True)
-class NewSession:
-    user_identity: str
-    user_name: str | None = None
-    room_name: str | None = None
-    metadata: JsonDict = field(default_factory=dict)
-    required_services: list[str] | None = None
-    options: CreateOptions = field(default_factory=CreateOptions)
-
-
-# commands -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CreateSession:
-    spec: NewSession
-    reply: asyncio.Future[SessionCreated]
-    idempotency_key: str | None = None
-    body_hash: str = ""
-
-
-@dataclass(frozen=True)
-class GetSession:
-    session_id: str
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class ListSessions:
-    status: str | None
-    user_identity: str | None
-    limit: int
-    before: SessionCursor | None
-    reply: asyncio.Future[list[JsonDict]]
-
-
-@dataclass(frozen=True)
-class DeleteSession:
-    session_id: str
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class AddSessionService:
-    session_id: str
-    requirement: str
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class RemoveSessionService:
-    session_id: str
-    service_id: str
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class RegisterService:
-    service_id: str
-    endpoint: str
-    metadata: JsonDict
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class UpdateService:
-    service_id: str
-    endpoint: str | None
-    metadata: JsonDict | None
-    draining: bool | None
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class DrainService:
-    service_id: str
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class DeregisterService:
-    service_id: str
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class GetService:
-    service_id: str
-    reply: asyncio.Future[JsonDict]
-
-
-@dataclass(frozen=True)
-class ListServices:
-    service_type: str | None
-    status: str | None
-    reply: asyncio.Future[list[JsonDict]]
-
-
-@dataclass(frozen=True)
-class LiveKitEvent:
-    """A verified webhook; the supervisor hands it to the actor that owns the room."""
-
-    event: RoomEvent
-
-
-@dataclass(frozen=True)
-class ActorExited:
-    session_id: str
-    task: asyncio.Task[None]
-
-
-@dataclass(frozen=True)
-class ServiceHealthChanged:
-    change: HealthChange
-
-
-@dataclass(frozen=True)
-class IdempotentCreateFinished:
-    key: str
-    outcome: asyncio.Future[SessionCreated]
-
-
-SupervisorMessage = (
-    CreateSession
-    | GetSession
-    | ListSessions
-    | DeleteSession
-    | AddSessionService
-    | RemoveSessionService
-    | RegisterService
-    | UpdateService
-    | DrainService
-    | DeregisterService
-    | GetService
-    | ListServices
-    | LiveKitEvent
-    | ActorExited
-    | ServiceHealthChanged
-    | IdempotentCreateFinished
-)
 
 
 @dataclass

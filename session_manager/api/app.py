@@ -9,13 +9,13 @@ from aiohttp import web
 
 from session_manager.api.errors import error_middleware
 from session_manager.api.routes import DAEMON, routes
+from session_manager.commands import GetSession
 from session_manager.config import Settings
 from session_manager.daemon import Daemon
 from session_manager.errors import NotFound
 from session_manager.events import SessionPresence, add_event_routes
 from session_manager.session.record import JsonDict
 from session_manager.session.states import SessionStatus
-from session_manager.supervisor import GetSession
 
 
 def create_app(settings: Settings, *, api_port: int | None = None) -> web.Application:

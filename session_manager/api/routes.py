@@ -23,13 +23,7 @@ from session_manager.api.models import (
     UpdateServiceRequest,
 )
 from session_manager.clock import now_rfc3339
-from session_manager.daemon import WEBHOOK_PATH, Daemon
-from session_manager.errors import InvalidRequest
-from session_manager.livekit.webhooks import WebhookRejected
-from session_manager.session.messages import CreateOptions, SessionCreated
-from session_manager.session.record import JsonDict
-from session_manager.session.states import SessionStatus
-from session_manager.supervisor import (
+from session_manager.commands import (
     AddSessionService,
     CreateSession,
     DeleteSession,
@@ -43,9 +37,15 @@ from session_manager.supervisor import (
     NewSession,
     RegisterService,
     RemoveSessionService,
-    Supervisor,
     UpdateService,
 )
+from session_manager.daemon import WEBHOOK_PATH, Daemon
+from session_manager.errors import InvalidRequest
+from session_manager.livekit.webhooks import WebhookRejected
+from session_manager.session.messages import CreateOptions, SessionCreated
+from session_manager.session.record import JsonDict
+from session_manager.session.states import SessionStatus
+from session_manager.supervisor import Supervisor
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500

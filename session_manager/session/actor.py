@@ -40,7 +40,7 @@ from session_manager.livekit.webhooks import (
     RoomEvent,
 )
 from session_manager.logs import TRACE
-from session_manager.registry import Registry
+from session_manager.registry import Registry, ServiceRecord
 from session_manager.session.messages import (
     AddService,
     ClientGraceExpired,
@@ -106,7 +106,8 @@ class SessionActor:
         self._options = CreateOptions()
         self._client_token = ""
         self._token_ttl = timedelta(seconds=deps.client_token_ttl)
-        self._dispatching: set[str] = set()  # requirements with a join-room call in flight
+        # requirement -> the instance its join-room call in flight went to
+        self._dispatching: dict[str, str] = {}
         self._closed = False
 
     @property
@@ -163,8 +164,8 @@ class SessionActor:
                 await self._start(message)
             case RoomEventArrived(event=event):
                 await self._on_room_event(event)
-            case DispatchFinished(requirement=requirement, outcome=outcome):
-                await self._on_dispatch_finished(requirement, outcome)
+            case DispatchFinished(requirement=requirement, service_id=sid, outcome=outcome):
+                await self._on_dispatch_finished(requirement, sid, outcome)
             case JoinDeadlinePassed():
                 if self.record.status in (S.CREATING, S.WAITING_FOR_SERVICES):
                     await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
@@ -249,8 +250,8 @@ class SessionActor:
             self._dispatch(slot)
 
     def _dispatch(self, slot: ServiceSlot) -> None:
-        if slot.requirement in self._dispatching:  # never two join-room calls for one slot
-            return
+        if self._dispatching.get(slot.requirement) == slot.service_id:
+            return  # never two join-room calls for one instance in one session
         record = self.record
         token = self._deps.gateway.mint_token(
             identity=slot.service_id,
@@ -266,7 +267,7 @@ class SessionActor:
             livekit_url=self._deps.gateway.endpoint.public_url,
         )
         slot.dispatched_at = utc_now()
-        self._dispatching.add(slot.requirement)
+        self._dispatching[slot.requirement] = slot.service_id
         log.debug("dispatching service", extra=self._log_extra(service_id=slot.service_id))
         self._emit(
             EventType.MICROSERVICE_DISPATCHED,
@@ -279,13 +280,17 @@ class SessionActor:
 
     async def _join_room(self, requirement: str, endpoint: str, request: JoinRoomRequest) -> None:
         outcome = await self._deps.microservices.join_room(endpoint, request)
-        self.tell(DispatchFinished(requirement, outcome))
+        self.tell(DispatchFinished(requirement, request.service_identity, outcome))
 
-    async def _on_dispatch_finished(self, requirement: str, outcome: DispatchOutcome) -> None:
-        self._dispatching.discard(requirement)
+    async def _on_dispatch_finished(
+        self, requirement: str, service_id: str, outcome: DispatchOutcome
+    ) -> None:
         slot = self.record.services.get(requirement)
-        if slot is None:  # removed from the session while its join-room call was in flight
+        if slot is None or slot.service_id != service_id:
+            # The slot was removed, or moved to another instance, while this call was out.
             return
+        if self._dispatching.get(requirement) == service_id:
+            del self._dispatching[requirement]
         slot.attempts += outcome.attempts
         slot.answered_at = utc_now()
         if outcome.ok:
@@ -364,13 +369,19 @@ class SessionActor:
             error = NoCapacity(message) if declined else MicroserviceUnavailable(message)
             await self._terminate(message, error)
             return
-        if chosen.service_id != failed:
-            registry.release(failed, self.session_id)
-            registry.acquire(chosen.service_id, self.session_id)
         log.info(
             "redispatching service",
             extra=self._log_extra(requirement=slot.requirement, old=failed, new=chosen.service_id),
         )
+        self._fill(slot, chosen)
+
+    def _fill(self, slot: ServiceSlot, chosen: ServiceRecord) -> None:
+        """Put `chosen` in the slot and dispatch it; the session waits for it to join."""
+        if chosen.service_id != slot.service_id:
+            if slot.service_id:  # an empty id: a new slot, nothing to give back
+                self._deps.registry.release(slot.service_id, self.session_id)
+            self._deps.registry.acquire(chosen.service_id, self.session_id)
+        self.record.services[slot.requirement] = slot
         slot.assign(chosen.service_id, chosen.endpoint, chosen.service_type)
         if self.record.status in (S.READY, S.ACTIVE):
             self._set_status(S.WAITING_FOR_SERVICES)
@@ -390,14 +401,7 @@ class SessionActor:
         chosen = self._deps.registry.choose(requirement, exclude=in_use)
         if chosen.service_id in in_use:
             raise Conflict(f"{chosen.service_id} is already part of this session")
-        self._deps.registry.acquire(chosen.service_id, self.session_id)
-        slot = ServiceSlot(requirement, chosen.service_id, chosen.endpoint, chosen.service_type)
-        record.services[requirement] = slot
-        if record.status in (S.READY, S.ACTIVE):
-            self._set_status(S.WAITING_FOR_SERVICES)
-        if JoinDeadlinePassed not in self._timers:
-            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
-        self._dispatch(slot)
+        self._fill(ServiceSlot(requirement, service_id="", endpoint=""), chosen)
 
     def _remove_service(self, service_id: str) -> None:
         record = self.record
@@ -497,17 +501,9 @@ class SessionActor:
             extra=self._log_extra(old=service_id, new=chosen.service_id, reason=reason),
         )
         self._spawn(self._leave_room(replace(slot)))  # in case it is still in the room
-        self._dispatching.discard(slot.requirement)
-        self._deps.registry.release(service_id, self.session_id)
-        self._deps.registry.acquire(chosen.service_id, self.session_id)
         slot.redispatches += 1
         slot.retried_in_place = False
-        slot.assign(chosen.service_id, chosen.endpoint, chosen.service_type)
-        if self.record.status in (S.READY, S.ACTIVE):
-            self._set_status(S.WAITING_FOR_SERVICES)
-        if JoinDeadlinePassed not in self._timers:
-            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
-        self._dispatch(slot)
+        self._fill(slot, chosen)
 
     def _role_of(self, event: RoomEvent) -> str | None:
         """Who a participant is, from the attributes we put in the token we minted for it."""

@@ -48,6 +48,7 @@ class DispatchFinished:
     """A join-room call (with its retries) is over."""
 
     requirement: str
+    service_id: str  # the instance it went to: the slot may have moved on since
     outcome: DispatchOutcome
 
 

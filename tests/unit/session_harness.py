@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from session_manager.commands import CreateSession, GetSession, LiveKitEvent, NewSession
 from session_manager.dispatch import DispatchOutcome, JoinRoomRequest
 from session_manager.events import EventLog
 from session_manager.livekit.gateway import LiveKitEndpoint
@@ -21,13 +22,7 @@ from session_manager.livekit.webhooks import (
 from session_manager.registry import Registry
 from session_manager.session.messages import CreateOptions, SessionCreated
 from session_manager.session.states import SessionStatus
-from session_manager.supervisor import (
-    CreateSession,
-    GetSession,
-    LiveKitEvent,
-    NewSession,
-    Supervisor,
-)
+from session_manager.supervisor import Supervisor
 
 S = SessionStatus
 

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from session_manager.dispatch import DispatchOutcome
-from session_manager.errors import Conflict, NoCapacity, NotFound
-from session_manager.livekit.webhooks import ROLE_CLIENT
-from session_manager.session.states import SessionStatus
-from session_manager.supervisor import (
+from session_manager.commands import (
     AddSessionService,
     DeleteSession,
     ListSessions,
     RemoveSessionService,
 )
+from session_manager.dispatch import DispatchOutcome
+from session_manager.errors import Conflict, NoCapacity, NotFound
+from session_manager.livekit.webhooks import ROLE_CLIENT
+from session_manager.session.states import SessionStatus
 from tests.unit.conftest import HarnessFactory
 from tests.unit.session_harness import Harness
 

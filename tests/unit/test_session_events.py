@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from session_manager.commands import DeleteSession, DrainService, RegisterService
 from session_manager.events import EventType
 from session_manager.livekit.webhooks import ROLE_CLIENT
 from session_manager.session.states import SessionStatus
-from session_manager.supervisor import DeleteSession, DrainService, RegisterService
 from tests.unit.session_harness import Harness
 
 S = SessionStatus

@@ -1,0 +1,156 @@
+"""The commands the supervisor takes from its inbox: one small dataclass each, carrying a
+future when the sender wants an answer. The front door builds them; the supervisor dispatches on
+their type."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from session_manager.livekit.webhooks import RoomEvent
+from session_manager.registry.registry import HealthChange
+from session_manager.session.messages import CreateOptions, SessionCreated
+from session_manager.session.record import JsonDict
+from session_manager.store.base import SessionCursor
+
+
+@dataclass(frozen=True)
+class NewSession:
+    user_identity: str
+    user_name: str | None = None
+    room_name: str | None = None
+    metadata: JsonDict = field(default_factory=dict)
+    required_services: list[str] | None = None
+    options: CreateOptions = field(default_factory=CreateOptions)
+
+
+# commands -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateSession:
+    spec: NewSession
+    reply: asyncio.Future[SessionCreated]
+    idempotency_key: str | None = None
+    body_hash: str = ""
+
+
+@dataclass(frozen=True)
+class GetSession:
+    session_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class ListSessions:
+    status: str | None
+    user_identity: str | None
+    limit: int
+    before: SessionCursor | None
+    reply: asyncio.Future[list[JsonDict]]
+
+
+@dataclass(frozen=True)
+class DeleteSession:
+    session_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class AddSessionService:
+    session_id: str
+    requirement: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class RemoveSessionService:
+    session_id: str
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class RegisterService:
+    service_id: str
+    endpoint: str
+    metadata: JsonDict
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class UpdateService:
+    service_id: str
+    endpoint: str | None
+    metadata: JsonDict | None
+    draining: bool | None
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class DrainService:
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class DeregisterService:
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class GetService:
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+
+
+@dataclass(frozen=True)
+class ListServices:
+    service_type: str | None
+    status: str | None
+    reply: asyncio.Future[list[JsonDict]]
+
+
+@dataclass(frozen=True)
+class LiveKitEvent:
+    """A verified webhook; the supervisor hands it to the actor that owns the room."""
+
+    event: RoomEvent
+
+
+@dataclass(frozen=True)
+class ActorExited:
+    session_id: str
+    task: asyncio.Task[None]
+
+
+@dataclass(frozen=True)
+class ServiceHealthChanged:
+    change: HealthChange
+
+
+@dataclass(frozen=True)
+class IdempotentCreateFinished:
+    key: str
+    outcome: asyncio.Future[SessionCreated]
+
+
+SupervisorMessage = (
+    CreateSession
+    | GetSession
+    | ListSessions
+    | DeleteSession
+    | AddSessionService
+    | RemoveSessionService
+    | RegisterService
+    | UpdateService
+    | DrainService
+    | DeregisterService
+    | GetService
+    | ListServices
+    | LiveKitEvent
+    | ActorExited
+    | ServiceHealthChanged
+    | IdempotentCreateFinished
+)
