@@ -402,7 +402,7 @@ class Supervisor:
         task.add_done_callback(lambda done: self.tell(ActorExited(session_id, done)))
         self._children[session_id] = _Child(actor, task)
         self._rooms[room_name] = session_id
-        log.info(
+        log.debug(
             "session created",
             extra={"session_id": session_id, "room_name": room_name, "services": len(chosen)},
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +14,7 @@ import aiohttp
 from livekit import api
 
 from session_manager.errors import LiveKitRefused, LiveKitUnavailable
+from session_manager.livekit.tokens import SERVER_TOKEN_REFRESH, TokenMinter
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +60,40 @@ class LiveKitGateway:
     def __init__(self, endpoint: LiveKitEndpoint, *, timeout: float) -> None:
         self.endpoint = endpoint
         self._timeout = timeout
+        self._tokens = TokenMinter(endpoint.api_key, endpoint.api_secret)
         self._http: aiohttp.ClientSession | None = None
         self._api: api.LiveKitAPI | None = None
+        self._api_renew_at = 0.0
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             connector=aiohttp.TCPConnector(limit=256),
         )
-        # failover=False: our own timeout and error mapping apply; region discovery is a
-        # LiveKit Cloud feature and would retry a dead local server for many seconds.
-        self._api = api.LiveKitAPI(
-            self.endpoint.api_url,
-            self.endpoint.api_key,
-            self.endpoint.api_secret,
-            session=self._http,
-            failover=False,
-        )
+
+    def _client(self) -> api.LiveKitAPI:
+        """The server-API client, signed with one token reused for a few minutes: signing a
+        fresh one for every call (what a key/secret client does) cost more than the call."""
+        if self._http is None:
+            raise RuntimeError("LiveKitGateway used before start()")
+        if self._api is None or time.monotonic() >= self._api_renew_at:
+            # failover=False: our own timeout and error mapping apply; region discovery is a
+            # LiveKit Cloud feature and would retry a dead local server for many seconds.
+            self._api = api.LiveKitAPI.with_token(
+                self._tokens.server(), self.endpoint.api_url, session=self._http, failover=False
+            )
+            self._api_renew_at = time.monotonic() + SERVER_TOKEN_REFRESH
+        return self._api
 
     async def aclose(self) -> None:
-        if self._api is not None:
-            await self._api.aclose()
-            self._api = None
+        self._api = None  # it borrows our HTTP session: nothing of its own to close
         if self._http is not None:
             await self._http.close()
             self._http = None
 
     @property
     def _rooms(self) -> api.room_service.RoomService:
-        if self._api is None:
-            raise RuntimeError("LiveKitGateway used before start()")
-        return self._api.room
+        return self._client().room
 
     async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
         request = api.CreateRoomRequest(name=name, metadata=metadata, empty_timeout=empty_timeout)
@@ -117,28 +122,14 @@ class LiveKitGateway:
         name: str | None = None,
         attributes: dict[str, str] | None = None,
     ) -> str:
-        grants = api.VideoGrants(
-            room_join=True,
-            room=room_name,
-            can_publish=True,
-            can_subscribe=True,
-            can_publish_data=True,
+        return self._tokens.participant(
+            identity=identity, room_name=room_name, ttl=ttl, name=name, attributes=attributes
         )
-        token = (
-            api.AccessToken(self.endpoint.api_key, self.endpoint.api_secret)
-            .with_identity(identity)
-            .with_ttl(ttl)
-            .with_grants(grants)
-        )
-        if name:
-            token = token.with_name(name)
-        if attributes:
-            token = token.with_attributes(attributes)
-        return token.to_jwt()
 
     async def _call(self, method: str, call: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(call, self._timeout)
+            async with asyncio.timeout(self._timeout):  # no extra task, unlike wait_for
+                return await call
         except api.ServerError as exc:
             log.debug("livekit refused", extra={"method": method, "code": exc.code})
             if exc.status >= 500:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FLUSH_TIMEOUT = 5.0
+BATCH_WINDOW = 0.02  # seconds the writer waits after a wake-up for more views to arrive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -186,6 +187,9 @@ class SqliteStore:
     async def _write_behind(self) -> None:
         while True:
             await self._wakeup.wait()
+            if not self._closing:
+                # Let a burst gather: one commit for many sessions instead of one each.
+                await asyncio.sleep(BATCH_WINDOW)
             self._wakeup.clear()
             covered = self._queued
             batch, self._pending = self._pending, {}

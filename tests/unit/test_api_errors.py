@@ -145,3 +145,15 @@ async def test_livekit_down_is_503_with_a_clear_message(client: TestClient[Any, 
         "/api/v1/create-session", json={"user_identity": "u", "required_services": []}
     )
     await assert_error(response, 503, "LiveKitUnavailable", mentions="LiveKit")
+
+
+async def test_webhooks_nothing_acts_on_are_ignored_unverified(
+    client: TestClient[Any, Any],
+) -> None:
+    response = await client.post("/livekit/webhook", data=b'{"event": "room_started"}')
+    assert response.status == 200
+    assert await response.text() == "ignored"
+    forged = await client.post("/livekit/webhook", data=b'{"event": "room_finished"}')
+    await assert_error(forged, 401, "Unauthorized", mentions="missing Authorization")
+    garbage = await client.post("/livekit/webhook", data=b"<xml/>")
+    await assert_error(garbage, 400, "InvalidRequest", mentions="JSON")

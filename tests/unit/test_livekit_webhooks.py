@@ -1,0 +1,68 @@
+"""LiveKit webhook verification: signed with the API secret, bound to the body's hash."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+
+import jwt
+import orjson
+import pytest
+
+from session_manager.livekit.webhooks import (
+    ROLE_ATTRIBUTE,
+    WebhookRejected,
+    WebhookVerifier,
+    webhook_kind,
+)
+
+KEY, SECRET = "key", "a-secret-of-thirty-two-characters!"
+BODY = orjson.dumps(
+    {
+        "event": "participant_joined",
+        "id": "EV_1",
+        "createdAt": "1795885654",
+        "room": {"name": "room-1"},
+        "participant": {"identity": "asr-1", "attributes": {ROLE_ATTRIBUTE: "service"}},
+    }
+)
+
+
+def signature(body: bytes, *, secret: str = SECRET, issuer: str = KEY, ttl: int = 300) -> str:
+    digest = base64.b64encode(hashlib.sha256(body).digest()).decode()
+    claims = {"iss": issuer, "exp": int(time.time()) + ttl, "sha256": digest}
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def test_a_signed_webhook_becomes_a_room_event() -> None:
+    event = WebhookVerifier(KEY, SECRET).verify(BODY, signature(BODY))
+    assert (event.kind, event.room_name, event.identity, event.role) == (
+        "participant_joined",
+        "room-1",
+        "asr-1",
+        "service",
+    )
+    assert event.created_at == 1795885654
+
+
+@pytest.mark.parametrize(
+    ("auth", "reason"),
+    [
+        ("", "missing"),
+        (signature(BODY, secret="another-secret-of-thirty-two-chars"), "bad signature"),
+        (signature(BODY, issuer="someone-else"), "bad signature"),
+        (signature(BODY, ttl=-60), "bad signature"),
+        (signature(BODY.replace(b"asr-1", b"asr-2")), "does not match"),
+    ],
+)
+def test_anything_else_is_rejected(auth: str, reason: str) -> None:
+    with pytest.raises(WebhookRejected, match=reason):
+        WebhookVerifier(KEY, SECRET).verify(BODY, auth)
+
+
+def test_the_kind_is_read_without_trusting_the_body() -> None:
+    assert webhook_kind(BODY) == "participant_joined"
+    assert webhook_kind(b"not json") is None
+    assert webhook_kind(b"[1]") is None
+    assert webhook_kind(b'{"event": 5}') is None
