@@ -50,6 +50,16 @@ def is_sensitive_key(key: object) -> bool:
     return any(marker in name for marker in SENSITIVE_KEY_MARKERS)
 
 
+def has_sensitive_key(value: Any) -> bool:
+    """Whether `value` holds a credential-naming key anywhere; cheap, and nearly always False,
+    so `scrub` (which copies) runs only when there is something to remove."""
+    if isinstance(value, Mapping):
+        return any(is_sensitive_key(k) or has_sensitive_key(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(has_sensitive_key(item) for item in value)
+    return False
+
+
 def scrub(value: Any, path: str, removed: list[str]) -> Any:
     """A copy of `value` without any mapping key that names a credential, at any depth; the
     dotted paths of the keys removed are appended to `removed`."""
@@ -81,7 +91,7 @@ class Event:
 
     def __post_init__(self) -> None:
         removed: list[str] = []
-        data = scrub(self.data, "", removed)
+        data = scrub(self.data, "", removed) if has_sensitive_key(self.data) else self.data
         if removed:
             log.warning(
                 "credential removed from event data",
