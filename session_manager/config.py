@@ -90,6 +90,9 @@ class Settings(BaseModel):
     health_timeout: float = Field(2.0, gt=0, description="seconds for one health check")
     unhealthy_after: int = Field(3, ge=1, description="failed checks in a row to be Unhealthy")
     healthy_after: int = Field(2, ge=1, description="good checks in a row to be Healthy again")
+    session_retention: float = Field(
+        7 * 86400.0, gt=0, description="seconds an ended session stays readable (from creation)"
+    )
     idempotency_ttl: float = Field(
         86400.0, gt=0, description="seconds an Idempotency-Key is remembered"
     )

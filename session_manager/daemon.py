@@ -24,6 +24,7 @@ from session_manager.registry import Registry
 from session_manager.registry.health import HealthMonitor
 from session_manager.session.actor import SessionDeps
 from session_manager.store import MemoryStore, SqliteStore, Store
+from session_manager.store.retention import RetentionSweeper
 from session_manager.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,14 @@ class Daemon:
         # ended at shutdown are still delivered.
         stage("outbound webhooks", lambda: self.outbound_webhooks.aclose(settings.shutdown_timeout))
         self.events.add_listener(self.outbound_webhooks.offer)
+
+        sweeper = RetentionSweeper(
+            self.store,
+            session_retention=settings.session_retention,
+            idempotency_ttl=settings.idempotency_ttl,
+        )
+        await sweeper.start()
+        stage("retention sweeper", sweeper.aclose)
 
         self.registry = Registry(
             self.store,

@@ -50,6 +50,10 @@ class Store(Protocol):
     ) -> list[JsonDict]:
         """Newest first (created_at, then session_id, both descending), after `before`."""
 
+    async def purge(self, *, sessions_created_before: str, keys_created_before: float) -> int:
+        """Forget ended sessions created before the RFC 3339 time, and idempotency keys created
+        before the epoch time; returns how many rows went."""
+
     async def save_idempotency(self, key: str, entry: JsonDict) -> None: ...
 
     async def get_idempotency(self, key: str) -> JsonDict | None: ...

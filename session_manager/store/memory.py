@@ -51,6 +51,21 @@ class MemoryStore:
         views.sort(key=lambda v: (v["created_at"], v["session_id"]), reverse=True)
         return views[:limit]
 
+    async def purge(self, *, sessions_created_before: str, keys_created_before: float) -> int:
+        old_sessions = [
+            sid
+            for sid, v in self._sessions.items()
+            if v["status"] == "Terminated" and v["created_at"] < sessions_created_before
+        ]
+        old_keys = [
+            k for k, e in self._idempotency.items() if e["created_at"] < keys_created_before
+        ]
+        for sid in old_sessions:
+            del self._sessions[sid]
+        for key in old_keys:
+            del self._idempotency[key]
+        return len(old_sessions) + len(old_keys)
+
     async def save_idempotency(self, key: str, entry: JsonDict) -> None:
         self._idempotency[key] = entry
 

@@ -161,6 +161,23 @@ class SqliteStore:
         rows = await self._run(self._fetchall, sql, (*params, limit))
         return [orjson.loads(row[0]) for row in rows]
 
+    async def purge(self, *, sessions_created_before: str, keys_created_before: float) -> int:
+        return int(await self._run(self._purge, sessions_created_before, keys_created_before))
+
+    def _purge(self, sessions_before: str, keys_before: float) -> int:
+        with self._conn:
+            self._conn.execute("BEGIN")
+            ended = self._conn.execute(
+                "DELETE FROM sessions WHERE status = 'Terminated' AND created_at < ?",
+                (sessions_before,),
+            ).rowcount
+            keys = self._conn.execute(
+                "DELETE FROM idempotency"
+                " WHERE json_extract(CAST(body AS TEXT), '$.created_at') < ?",
+                (keys_before,),
+            ).rowcount
+        return ended + keys
+
     async def save_idempotency(self, key: str, entry: JsonDict) -> None:
         await self._run(
             self._conn.execute,

@@ -1,0 +1,54 @@
+"""Keeps the store from growing without end: ended sessions older than `session_retention`, and
+idempotency keys past their lifetime, are removed at start and then every hour."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import suppress
+from datetime import timedelta
+
+from session_manager.clock import rfc3339, utc_now
+from session_manager.store.base import Store
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 3600.0
+
+
+class RetentionSweeper:
+    def __init__(self, store: Store, *, session_retention: float, idempotency_ttl: float) -> None:
+        self._store = store
+        self._session_retention = session_retention
+        self._idempotency_ttl = idempotency_ttl
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.sweep()
+        self._task = asyncio.create_task(self._run(), name="retention-sweeper")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("retention sweep failed; will try again")
+
+    async def sweep(self) -> int:
+        cutoff = rfc3339(utc_now() - timedelta(seconds=self._session_retention))
+        removed = await self._store.purge(
+            sessions_created_before=cutoff,
+            keys_created_before=time.time() - self._idempotency_ttl,
+        )
+        if removed:
+            log.info("old sessions and idempotency keys removed", extra={"rows": removed})
+        return removed
