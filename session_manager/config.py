@@ -252,3 +252,35 @@ def _check_livekit_credentials(settings: Settings) -> None:
         raise SettingsError("invalid setting livekit_api_key: required when livekit_url is set")
     if settings.livekit_api_secret is None or not settings.livekit_api_secret.get_secret_value():
         raise SettingsError("invalid setting livekit_api_secret: required when livekit_url is set")
+
+
+def reference_file() -> str:
+    """config/session-manager.toml as shipped: every setting, its default (commented out), its
+    description and environment names. A test keeps the shipped file equal to this."""
+    lines = [
+        "# Session Manager configuration. Every setting is listed with its default, commented out.",
+        "# Precedence, lowest first: defaults < this file < environment < command-line flags.",
+        "# This file is read from config/session-manager.toml in the working directory, or from",
+        "# --config PATH / $SESSION_MANAGER_CONFIG. Environment names are given for each setting.",
+        "",
+    ]
+    for name, field in Settings.model_fields.items():
+        names = [env_name(name)]
+        if name in LIVEKIT_ENV_ALIASES:
+            names.insert(0, LIVEKIT_ENV_ALIASES[name])
+        lines.append(f"# {field.description} [{' / '.join(names)}]")
+        lines.append(f"# {name} = {_toml_default(field.get_default(call_default_factory=True))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_default(value: object) -> str:
+    if value is None or isinstance(value, SecretStr):
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return '[]  # e.g. ["http://127.0.0.1:9000/hook SessionReady,SessionTerminated"]'
+    return f'"{value}"'

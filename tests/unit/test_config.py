@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from session_manager.cli import build_parser, main
-from session_manager.config import Settings, SettingsError, load_settings
+from session_manager.config import Settings, SettingsError, load_settings, reference_file
 
 
 def test_defaults_match_the_spec_base_url() -> None:
@@ -91,3 +91,11 @@ def test_module_entry_point_prints_help() -> None:
     )
     assert result.returncode == 0
     assert "--livekit-url" in result.stdout
+
+
+def test_the_shipped_config_file_lists_every_setting() -> None:
+    shipped = Path(__file__).resolve().parents[2] / "config" / "session-manager.toml"
+    assert shipped.read_text(encoding="utf-8") == reference_file(), (
+        "config/session-manager.toml is stale: run scripts/write_config_reference.py"
+    )
+    assert load_settings(config_file=shipped, environ={}) == Settings()
