@@ -106,6 +106,8 @@ class Supervisor:
         self._views: dict[str, JsonDict] = {}  # latest view of each live session
         self._pending_creates: dict[str, _PendingCreate] = {}
         self._accepting = True
+        self.sessions_created = 0  # counters for /metrics
+        self.sessions_ended = 0
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
         self._close_lock = asyncio.Lock()
@@ -126,6 +128,13 @@ class Supervisor:
     @property
     def live_sessions(self) -> int:
         return len(self._children)
+
+    def live_statuses(self) -> dict[str, int]:
+        """How many live sessions are in each status (from their published views)."""
+        counts: dict[str, int] = {}
+        for view in self._views.values():
+            counts[view["status"]] = counts.get(view["status"], 0) + 1
+        return counts
 
     def health_changed(self, change: HealthChange) -> None:
         """Called by the health monitor: record the change; sessions lose an instance that
@@ -401,6 +410,7 @@ class Supervisor:
         task = asyncio.create_task(actor.run(), name=f"session-{session_id}")
         task.add_done_callback(lambda done: self.tell(ActorExited(session_id, done)))
         self._children[session_id] = _Child(actor, task)
+        self.sessions_created += 1
         self._rooms[room_name] = session_id
         log.debug(
             "session created",
@@ -448,6 +458,7 @@ class Supervisor:
         child = self._children.pop(session_id, None)
         if child is not None:
             self._rooms.pop(child.actor.record.room_name, None)
+            self.sessions_ended += 1
         self._views.pop(session_id, None)
         self._registry.release_session(session_id)
         if not task.cancelled() and task.exception() is not None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from session_manager import __version__
+from session_manager.api.metrics import render as render_metrics
 from session_manager.api.models import (
     AddServiceRequest,
     CreateSessionRequest,
@@ -108,6 +109,16 @@ async def _body(request: web.Request) -> bytes:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     return json_response(HealthResponse(timestamp=now_rfc3339(), version=__version__))
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        text=render_metrics(request.app[DAEMON]),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @routes.post("/api/v1/microservices/register")

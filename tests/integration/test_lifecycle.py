@@ -273,3 +273,25 @@ async def test_sessions_left_live_by_a_crash_are_ended_at_start(
     assert ended["status"] == "Terminated"
     assert ended["reason"] == "session manager restarted while the session was live"
     assert "room-orphan-1" not in await room_names(livekit_api)
+
+
+async def test_metrics_tell_what_runs(manager: Any) -> None:
+    await register(manager, "asr-m", "http://127.0.0.1:9", type="ASR")
+    for _ in range(2):
+        await create(manager, required_services=[])
+    ended = await create(manager, required_services=[])
+    await manager.delete(f"/api/v1/sessions/{ended['session_id']}")
+    for _ in range(100):  # the supervisor counts an ended session once its actor is reaped
+        text = await (await manager.get("/metrics")).text()
+        if "session_manager_sessions_ended_total 1" in text:
+            break
+        await asyncio.sleep(0.02)
+    lines = set(text.splitlines())
+    assert 'session_manager_sessions{status="Ready"} 2' in lines
+    assert "session_manager_sessions_created_total 3" in lines
+    assert "session_manager_sessions_ended_total 1" in lines
+    assert (
+        'session_manager_microservice_sessions{service_id="asr-m",status="Healthy",'
+        'draining="false"} 0'
+    ) in lines
+    assert "# TYPE session_manager_webhook_deliveries_total counter" in lines
