@@ -41,27 +41,40 @@ import tempfile
 import time
 import uuid
 from asyncio.subprocess import Process
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from bench_harness import (
+    HOST,
+    PROJECT_ROOT,
+    clean_env,
+    client_loop_name,
+    cpu_model,
+    cpu_seconds,
+    free_port,
+    manager_revision,
+    package_version,
+    percentile,
+    run_and_print,
+    running_process,
+    usable_cpus,
+)
 from livekit import api
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from session_manager.livekit.server import (  # noqa: E402
+from session_manager.livekit.server import (
     LiveKitServerError,
     ManagedLiveKitConfig,
     find_binary,
     new_config,
 )
 
-HOST = "127.0.0.1"  # the only address anything here binds to or talks to
 CREATE_PATH = "/api/v1/create-session"
 HEALTH_PATH = "/health"
 WEBHOOK_PATH = "/livekit/webhook"
@@ -79,7 +92,6 @@ START_TIMEOUT = 30.0
 # The manager ends every live session (one DeleteRoom each) before it exits.
 MANAGER_STOP_TIMEOUT = 90.0
 LIVEKIT_STOP_TIMEOUT = 15.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 Operation = Callable[[int], Awaitable[None]]
 
@@ -170,13 +182,6 @@ class Batch:
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used by each process
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far, from /proc/<pid>/stat."""
-    # Fields after the command name start at field 3 (state); utime and stime are 14 and 15.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
 def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
     return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
@@ -214,14 +219,6 @@ async def run_closed_loop(operation: Operation, count: int, concurrency: int) ->
     await asyncio.gather(*(worker() for _ in range(min(concurrency, count))))
     batch.wall = time.perf_counter() - started
     return batch
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 @dataclass(frozen=True)
@@ -322,17 +319,9 @@ def manager_operation(http: aiohttp.ClientSession, base_url: str, run_id: str) -
 # --- processes --------------------------------------------------------------------------------
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 def manager_env(config: ManagedLiveKitConfig) -> dict[str, str]:
     """Our environment without any manager or LiveKit setting, plus the LiveKit to use."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("SESSION_MANAGER_", "LIVEKIT_"))
-    }
+    env = clean_env()
     env.update(
         LIVEKIT_URL=config.url,
         LIVEKIT_API_KEY=config.api_key,
@@ -375,76 +364,6 @@ def manager_command(port: int, data_dir: Path, profile: Path | None) -> list[str
     ]
 
 
-async def wait_until_up(process: Process, name: str, probe_url: str, timeout: float) -> None:
-    """Poll `probe_url` until it answers 200; fail early if the process dies."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-        while time.monotonic() < deadline:
-            if process.returncode is not None:
-                raise RuntimeError(f"{name} exited with code {process.returncode} at start")
-            with suppress(aiohttp.ClientError, TimeoutError):
-                async with http.get(probe_url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{name} did not answer {probe_url} within {timeout}s")
-
-
-async def stop_process(process: Process, name: str, timeout: float) -> None:
-    """SIGTERM, wait, then SIGKILL."""
-    if process.returncode is not None:
-        return
-    with suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(process.wait(), timeout)
-    except TimeoutError:
-        print(f"{name} ignored SIGTERM for {timeout}s; killing it", file=sys.stderr)
-        with suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    with suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-@asynccontextmanager
-async def running_process(
-    name: str,
-    command: list[str],
-    *,
-    cwd: Path,
-    env: dict[str, str] | None,
-    probe_url: str,
-    stop_timeout: float,
-) -> AsyncIterator[Process]:
-    """A child in its own session (a Ctrl-C reaches only us), its output in `cwd/<name>.log`,
-    up once `probe_url` answers, stopped on the way out whatever happens."""
-    log_path = cwd / f"{name}.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            *command,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        up = False
-        try:
-            await wait_until_up(process, name, probe_url, START_TIMEOUT)
-            up = True
-            yield process
-        finally:
-            if not up or process.returncode is not None:  # failed to start, or died early
-                print(f"{name} log, last lines:\n{tail(log_path)}", file=sys.stderr)
-            await stop_process(process, name, stop_timeout)
-
-
 def running_livekit(
     config: ManagedLiveKitConfig, workdir: Path
 ) -> AbstractAsyncContextManager[Process]:
@@ -459,6 +378,7 @@ def running_livekit(
         cwd=workdir,
         env=None,
         probe_url=f"http://{config.host}:{config.port}/",
+        start_timeout=START_TIMEOUT,
         stop_timeout=LIVEKIT_STOP_TIMEOUT,
     )
 
@@ -473,6 +393,7 @@ def running_manager(
         cwd=workdir,  # so no config/session-manager.toml of the caller's is picked up
         env=manager_env(config),
         probe_url=f"http://{HOST}:{port}{HEALTH_PATH}",
+        start_timeout=START_TIMEOUT,
         stop_timeout=MANAGER_STOP_TIMEOUT,
     )
 
@@ -480,56 +401,21 @@ def running_manager(
 # --- the run ----------------------------------------------------------------------------------
 
 
-def uvloop_version() -> str | None:
-    """The version of uvloop if this client's loop uses it (see client_loop_factory)."""
-    if client_loop_factory() is None:
-        return None
-    return _package_version("uvloop")
-
-
-def manager_revision() -> str:
-    """The commit the manager runs from, `+dirty` when session_manager/ has local changes."""
-    git = ["git", "-C", str(PROJECT_ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if head.returncode != 0:
-        return "unknown"
-    status = subprocess.run(
-        [*git, "status", "--porcelain", "--", "session_manager"], capture_output=True, text=True
-    )
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
 def machine_info(livekit_binary: str, load_before: float) -> dict[str, Any]:
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     version = subprocess.run(
         [livekit_binary, "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    cpu = ""
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "nproc": affinity or os.cpu_count(),
-        "cpu": cpu or platform.processor(),
+        "nproc": usable_cpus(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
-        "client_loop": f"uvloop {uvloop}" if (uvloop := uvloop_version()) else "asyncio",
+        "client_loop": client_loop_name(),
         "livekit_server": version,
-        "livekit_api": _package_version("livekit-api"),
+        "livekit_api": package_version("livekit-api"),
         "aiohttp": aiohttp.__version__,
         "manager_revision": manager_revision(),
         "load_avg_1min_before": round(load_before, 2),
     }
-
-
-def _package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
 
 
 async def measure(
@@ -691,39 +577,15 @@ def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
 
-def client_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    with asyncio.Runner(loop_factory=client_loop_factory()) as runner:
-        # SIGTERM, like Ctrl-C, cancels the run so every process still gets stopped in order.
-        loop = runner.get_loop()
-        main_task: list[asyncio.Task[Any]] = []
-        loop.add_signal_handler(signal.SIGTERM, lambda: [t.cancel() for t in main_task])
-
-        async def run() -> dict[str, Any]:
-            current = asyncio.current_task()
-            assert current is not None
-            main_task.append(current)
-            return await benchmark(options)
-
-        try:
-            report = runner.run(run())
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            print("interrupted; everything started was stopped", file=sys.stderr)
-            return 130
-        except (LiveKitServerError, RuntimeError, OSError) as exc:
-            print(f"bench_create_session: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(report, indent=2) if options.as_json else render_table(report))
-    return 0
+    return run_and_print(
+        lambda: benchmark(options),
+        render_table,
+        as_json=options.as_json,
+        program="bench_create_session",
+        errors=(LiveKitServerError, RuntimeError, OSError),
+    )
 
 
 if __name__ == "__main__":

@@ -55,32 +55,40 @@ import os
 import platform
 import re
 import resource
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from bench_harness import (
+    HOST,
+    PROJECT_ROOT,
+    child_pids,
+    clean_env,
+    client_loop_name,
+    cpu_model,
+    cpu_seconds,
+    free_port,
+    manager_revision,
+    percentile,
+    run_and_print,
+    running_process,
+    usable_cpus,
+)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"  # the only address anything here binds to or talks to
 SERVICE_ID = "bench-echo-1"
 SERVICE_TYPE = "BenchEcho"
 USER_IDENTITY = "bench"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 60.0  # the manager starts livekit-server before it answers /health
 STOP_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 30.0
@@ -180,37 +188,16 @@ class ProcSample:
 
 def proc_sample(pid: int) -> ProcSample | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        cpu = cpu_seconds(pid)
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    # After the command name, field 3 (state) is index 0: utime and stime are fields 14, 15.
-    fields = stat.rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     memory = {
         key: int(value.split()[0])
         for key, _, value in (line.partition(":") for line in status.splitlines())
         if key in ("VmRSS", "VmHWM")
     }
     return ProcSample(cpu, memory.get("VmRSS", 0), memory.get("VmHWM", 0))
-
-
-def child_pids(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (scanning /proc: `children` files may be missing)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with suppress(OSError):
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def raise_open_file_limit(needed: int) -> int:
@@ -244,88 +231,35 @@ def manager_argv(command: str, port: int) -> list[str]:
     ]
 
 
-def clean_env() -> dict[str, str]:
-    """Our environment without manager or LiveKit settings: the manager runs its own LiveKit."""
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith(("SESSION_MANAGER_", "LIVEKIT_"))
-    }
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    with suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-async def wait_for_health(process: asyncio.subprocess.Process, url: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-        while time.monotonic() < deadline:
-            if process.returncode is not None:
-                raise RuntimeError(f"session-manager exited with code {process.returncode}")
-            with suppress(aiohttp.ClientError, TimeoutError):
-                async with http.get(url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"session-manager did not answer {url} within {START_TIMEOUT:g}s")
-
-
-async def stop_manager(process: asyncio.subprocess.Process, livekit: list[int]) -> None:
-    """SIGTERM and wait (it deletes its rooms and stops its livekit-server); SIGKILL after
-    STOP_TIMEOUT, then also the livekit-server child it could not stop."""
-    if process.returncode is None:
-        with suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        except TimeoutError:
-            print("session-manager ignored SIGTERM; killing it", file=sys.stderr)
-            with suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    for pid in livekit:
-        if proc_sample(pid) is not None:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
 @dataclass
 class Manager:
     process: asyncio.subprocess.Process
     base_url: str
     argv: list[str]
-    livekit_pids: list[int] = field(default_factory=list)
+    livekit_pids: list[int]
 
 
 @asynccontextmanager
 async def running_manager(command: str, workdir: Path) -> AsyncIterator[Manager]:
-    """The manager in its own session (a Ctrl-C reaches only us), output in workdir, cwd
-    workdir (no config/session-manager.toml of the caller's is read)."""
+    """The manager, output in workdir, cwd workdir (no config/session-manager.toml of the
+    caller's is read). On the way out SIGTERM (it deletes its rooms and stops its
+    livekit-server), SIGKILL after STOP_TIMEOUT, then also the livekit-server it could not stop.
+    """
     port = free_port()
     argv = manager_argv(command, port)
-    log_path = workdir / "session-manager.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=workdir,
-            env=clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    manager = Manager(process, f"http://{HOST}:{port}", argv)
-    healthy = False
-    try:
-        await wait_for_health(process, manager.base_url + "/health")
-        healthy = True
-        manager.livekit_pids = child_pids(process.pid)
-        yield manager
-    finally:
-        if not healthy or process.returncode is not None:
-            print(f"session-manager log, last lines:\n{tail(log_path)}", file=sys.stderr)
-        await stop_manager(process, manager.livekit_pids or child_pids(process.pid))
+    base_url = f"http://{HOST}:{port}"
+    async with running_process(
+        "session-manager",
+        argv,
+        cwd=workdir,
+        env=clean_env(),  # the manager runs its own LiveKit
+        probe_url=base_url + "/health",
+        start_timeout=START_TIMEOUT,
+        stop_timeout=STOP_TIMEOUT,
+        probe_interval=0.1,
+        reap_children=True,
+    ) as process:
+        yield Manager(process, base_url, argv, child_pids(process.pid))
 
 
 # --- the fake microservice --------------------------------------------------------------------
@@ -573,14 +507,6 @@ async def generate_events(
 # --- analysis ---------------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 def distribution_ms(values: Iterable[float]) -> dict[str, float]:
     ordered = sorted(values)
     if not ordered:
@@ -692,34 +618,13 @@ def snapshot(pids: dict[str, list[int]]) -> dict[str, ProcSample | None]:
     return result
 
 
-def manager_revision() -> str:
-    git = ["git", "-C", str(PROJECT_ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if head.returncode != 0:
-        return "unknown"
-    status = subprocess.run(
-        [*git, "status", "--porcelain", "--", "session_manager"], capture_output=True, text=True
-    )
-    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
 def machine_info(load_start: tuple[float, float, float]) -> dict[str, Any]:
-    cpu = ""
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        client_loop = f"uvloop {package_version('uvloop')}"
-    except PackageNotFoundError:
-        client_loop = "asyncio"
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu": cpu or platform.processor(),
+        "nproc": usable_cpus(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "aiohttp": aiohttp.__version__,
-        "client_loop": client_loop,
+        "client_loop": client_loop_name(),
         "manager_revision": manager_revision(),
         "loadavg_start": [round(x, 2) for x in load_start],
     }
@@ -939,40 +844,15 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        # SIGTERM, like Ctrl-C, cancels the run, so everything started is still stopped.
-        main_task: list[asyncio.Task[Any]] = []
-        runner.get_loop().add_signal_handler(
-            signal.SIGTERM, lambda: [task.cancel() for task in main_task]
-        )
-
-        async def run() -> dict[str, Any]:
-            current = asyncio.current_task()
-            assert current is not None
-            main_task.append(current)
-            return await benchmark(options)
-
-        try:
-            report = runner.run(run())
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            print("interrupted; everything started was stopped", file=sys.stderr)
-            return 130
-        except (RuntimeError, OSError, aiohttp.ClientError) as exc:
-            print(f"bench_sse: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(report, indent=2) if options.as_json else render_table(report))
-    return 0
+    return run_and_print(
+        lambda: benchmark(options),
+        render_table,
+        as_json=options.as_json,
+        program="bench_sse",
+        errors=(RuntimeError, OSError, aiohttp.ClientError),
+    )
 
 
 if __name__ == "__main__":

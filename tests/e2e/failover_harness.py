@@ -1,12 +1,12 @@
 """Helpers for the failover end-to-end tests: a real `session-manager` (with its managed
 livekit-server) on random free ports, real pong instances, the manager's HTTP API, and polling
-with deadlines. Processes are started and cleaned up as in test_ping_pong.
+with deadlines. Processes are started and cleaned up by tests.e2e.processes, as in
+test_ping_pong.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sys
 import time
@@ -19,28 +19,22 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
-from tests.e2e.test_ping_pong import (
+from tests.e2e.processes import (
+    POLL_INTERVAL,
     REPO_ROOT,
     ChildProcess,
     Children,
-    is_alive,
-    kill_leftovers,
-    livekit_children,
+    NotHealthy,
+    session_manager_child,
     session_manager_command,
 )
+from tests.e2e.processes import require_netns as require_netns  # test_failover's, re-exported
 
 T = TypeVar("T")
 JsonDict = dict[str, Any]
 
-HEALTH_TIMEOUT = 60.0
 REGISTRATION_TIMEOUT = 20.0
-POLL_INTERVAL = 0.1
 HTTP_TIMEOUT = 30.0
-
-
-def require_netns() -> None:
-    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
-        pytest.fail("run through scripts/test.sh: this test needs the private network namespace")
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -144,21 +138,10 @@ class Api:
         )
 
 
-async def wait_for_health(api: Api, manager: ChildProcess) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT
-    last_error = "no attempt yet"
-    while time.monotonic() < deadline:
-        if not manager.running:
-            pytest.fail(f"session-manager exited with {manager.process.returncode} before /health")
-        try:
-            status, body = await api.call("GET", "/health")
-            if status == 200 and body.get("status") == "healthy":
-                return
-            last_error = f"HTTP {status}: {body}"
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            last_error = repr(error)
-        await asyncio.sleep(POLL_INTERVAL)
-    pytest.fail(f"GET /health did not answer healthy within {HEALTH_TIMEOUT} s: {last_error}")
+async def check_healthy(api: Api) -> None:
+    status, body = await api.call("GET", "/health")
+    if status != 200 or body.get("status") != "healthy":
+        raise NotHealthy(f"HTTP {status}: {body}")
 
 
 # ------------------------------------------------------------------------------ the processes
@@ -212,30 +195,14 @@ async def running_manager(tmp_path: Path, **settings: float | int | str) -> Asyn
     """Start `session-manager` with `settings` as flags; on exit stop every child (manager last),
     check the manager exited 0 and left no livekit-server, and print log tails on failure."""
     require_netns()
-    cwd = tmp_path / "manager-cwd"
-    cwd.mkdir()
     port = free_port()
-    children = Children(tmp_path)
     command = session_manager_command() + manager_flags(port, **settings)
-    manager = await children.start("session-manager", command, cwd)
-    livekit_pids: set[int] = set()
-    try:
-        try:
-            timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
-            async with aiohttp.ClientSession(timeout=timeout) as http:
-                api = Api(http, f"http://127.0.0.1:{port}")
-                await wait_for_health(api, manager)
-                livekit_pids = livekit_children(manager.pid)
-                assert livekit_pids, "the manager started no livekit-server child"
-                yield Stack(api, children, manager, {})
-        finally:
-            await children.stop_all()
-        assert manager.process.returncode == 0, (
-            f"session-manager exited with {manager.process.returncode}"
-        )
-        left = {pid for pid in livekit_pids if is_alive(pid)}
-        kill_leftovers(left)
-        assert not left, f"livekit-server processes left running after the manager: {left}"
-    except BaseException:
-        children.print_log_tails()
-        raise
+    async with (
+        session_manager_child(tmp_path, command) as manager,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http,
+    ):
+        api = Api(http, f"http://127.0.0.1:{port}")
+        errors = (aiohttp.ClientError, TimeoutError, ValueError)
+        await manager.wait_for_health(lambda: check_healthy(api), expected="healthy", errors=errors)
+        manager.find_livekit()
+        yield Stack(api, manager.children, manager.child, {})

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +23,33 @@ import aiohttp
 import pytest
 from livekit import rtc
 
+from tests.e2e.processes import (
+    POLL_INTERVAL,
+    REPO_ROOT,
+    ChildProcess,
+    NotHealthy,
+    child_environment,
+    require_netns,
+    session_manager_child,
+    session_manager_command,
+)
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_PATH = Path(__file__).resolve().parents[3] / "shared/spec/session-manager-api.md"
 MANAGER_URL = "http://127.0.0.1:8080"  # the manager's default listen address
 PONG_PORT = 8001  # the spec's example endpoint is http://localhost:8001
 SPEC_SERVICE_ID = "asr-service-1"  # registered by the spec's curl example, pointing at pong
 PONG_SERVICE_ID = "pong-service-1"  # what pong registers itself as
 
-HEALTH_TIMEOUT = 60.0
 REGISTRATION_TIMEOUT = 20.0
 PING_PONG_TIMEOUT = 20.0
 ACTIVE_TIMEOUT = 10.0
-STOP_TIMEOUT = 30.0  # the manager's shutdown has several stages of up to 10 s each
-POLL_INTERVAL = 0.1
 PING_INTERVAL = 0.3
 PING = b"ping"
 PONG = b"pong"
-LOG_TAIL_LINES = 80
 
 CREATE_ANSWER_FIELDS = {"session_id", "room_name", "access_token", "livekit_url", "status"}
-# Settings a developer's shell may carry; the manager must run on its embedded defaults here.
-_SETTING_ENV_PREFIXES = ("SESSION_MANAGER_", "LIVEKIT_")
-_KEPT_ENV = frozenset({"SESSION_MANAGER_NETNS"})
 
 
 # --------------------------------------------------------------------------- the spec's examples
@@ -93,129 +94,6 @@ async def run_shell_json(command: str, env: dict[str, str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- child processes
 
 
-def child_environment() -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key in _KEPT_ENV or not key.startswith(_SETTING_ENV_PREFIXES)
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-@dataclass
-class ChildProcess:
-    name: str
-    process: asyncio.subprocess.Process
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process.returncode is None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-
-@dataclass
-class Children:
-    """The processes this test started, in start order, with their output in files."""
-
-    log_dir: Path
-    started: list[ChildProcess] = field(default_factory=list)
-
-    async def start(self, name: str, argv: list[str], cwd: Path) -> ChildProcess:
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("wb") as log_file:  # the child keeps its own copy of the descriptor
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=cwd,
-                env=child_environment(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        child = ChildProcess(name, process, log_path)
-        self.started.append(child)
-        return child
-
-    async def stop_all(self) -> None:
-        """SIGTERM each child, last started first; SIGKILL one that outlives STOP_TIMEOUT."""
-        for child in reversed(self.started):
-            await stop_process(child)
-
-    def print_log_tails(self) -> None:
-        for child in self.started:
-            print(f"----- last {LOG_TAIL_LINES} lines of {child.name} ({child.log_path}) -----")
-            print(child.log_tail())
-
-
-async def stop_process(child: ChildProcess) -> int:
-    if child.running:
-        child.process.send_signal(signal.SIGTERM)
-    try:
-        return await asyncio.wait_for(child.process.wait(), STOP_TIMEOUT)
-    except TimeoutError:
-        print(f"{child.name} ignored SIGTERM for {STOP_TIMEOUT} s; killing it")
-        child.process.kill()
-        return await child.process.wait()
-
-
-def child_pids(parent: int) -> set[int]:
-    """Live (non-zombie) processes whose parent is `parent`, from /proc."""
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with suppress(OSError):
-            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == parent and state != "Z":
-                children.add(int(stat.parent.name))
-    return children
-
-
-def process_name(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return None
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def livekit_children(manager_pid: int) -> set[int]:
-    return {pid for pid in child_pids(manager_pid) if process_name(pid) == "livekit-server"}
-
-
-def kill_leftovers(pids: set[int]) -> None:
-    for pid in pids:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def session_manager_command() -> list[str]:
-    script = Path(sys.executable).with_name("session-manager")
-    if not script.exists():
-        script = REPO_ROOT / ".venv" / "bin" / "session-manager"
-    if not script.exists():
-        pytest.fail(
-            "the session-manager console script is not installed (run scripts/bootstrap.sh)"
-        )
-    return [str(script)]
-
-
 def pong_command() -> list[str]:
     return [
         sys.executable,
@@ -233,22 +111,12 @@ def pong_command() -> list[str]:
 # ------------------------------------------------------------------------------------ waiting
 
 
-async def wait_for_health(http: aiohttp.ClientSession, manager: ChildProcess) -> dict[str, Any]:
-    deadline = time.monotonic() + HEALTH_TIMEOUT
-    last_error = "no attempt yet"
-    while time.monotonic() < deadline:
-        if not manager.running:
-            pytest.fail(f"session-manager exited with {manager.process.returncode} before /health")
-        try:
-            async with http.get(f"{MANAGER_URL}/health") as response:
-                if response.status == 200:
-                    body: dict[str, Any] = await response.json()
-                    return body
-                last_error = f"HTTP {response.status}"
-        except (aiohttp.ClientError, TimeoutError) as error:
-            last_error = repr(error)
-        await asyncio.sleep(POLL_INTERVAL)
-    pytest.fail(f"GET /health did not answer 200 within {HEALTH_TIMEOUT} s: {last_error}")
+async def get_health(http: aiohttp.ClientSession) -> dict[str, Any]:
+    async with http.get(f"{MANAGER_URL}/health") as response:
+        if response.status != 200:
+            raise NotHealthy(f"HTTP {response.status}")
+        body: dict[str, Any] = await response.json()
+        return body
 
 
 async def wait_for_log_line(child: ChildProcess, needle: str, timeout: float) -> None:
@@ -426,38 +294,19 @@ async def waiting_create_walkthrough(http: aiohttp.ClientSession) -> None:
 
 
 async def test_spec_examples_ping_pong_end_to_end(tmp_path: Path) -> None:
-    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
-        pytest.fail("run through scripts/test.sh: this test needs the private network namespace")
+    require_netns()
     usage_example_commands(SPEC_PATH)  # a missing document fails before anything starts
 
-    manager_cwd = tmp_path / "manager-cwd"  # its SQLite store lands under ./var here
-    manager_cwd.mkdir()
-    children = Children(tmp_path)
-    manager = await children.start("session-manager", session_manager_command(), manager_cwd)
-    livekit_pids: set[int] = set()
-    try:
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
-                health = await wait_for_health(http, manager)
-                assert health["status"] == "healthy", health
-                livekit_pids = livekit_children(manager.pid)
-                assert livekit_pids, "the manager started no livekit-server child"
+    async with (
+        session_manager_child(tmp_path, session_manager_command()) as manager,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+    ):
+        health = await manager.wait_for_health(lambda: get_health(http), expected="200")
+        assert health["status"] == "healthy", health
+        manager.find_livekit()
 
-                pong = await children.start("pong", pong_command(), REPO_ROOT)
-                await wait_for_log_line(
-                    pong, "registered with the session manager", REGISTRATION_TIMEOUT
-                )
+        pong = await manager.children.start("pong", pong_command(), REPO_ROOT)
+        await wait_for_log_line(pong, "registered with the session manager", REGISTRATION_TIMEOUT)
 
-                await spec_walkthrough(http)
-                await waiting_create_walkthrough(http)
-        finally:
-            await children.stop_all()
-        assert manager.process.returncode == 0, (
-            f"session-manager exited with {manager.process.returncode}"
-        )
-        left = {pid for pid in livekit_pids if is_alive(pid)}
-        kill_leftovers(left)
-        assert not left, f"livekit-server processes left running after the manager: {left}"
-    except BaseException:
-        children.print_log_tails()
-        raise
+        await spec_walkthrough(http)
+        await waiting_create_walkthrough(http)

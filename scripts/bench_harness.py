@@ -1,0 +1,279 @@
+"""What the benchmark scripts beside this file share: their client event loop and main, free
+loopback ports, child processes (started in their own session, waited for on an HTTP probe,
+stopped on the way out), /proc readings, percentiles and facts about the machine.
+
+The scripts import it as a sibling (`import bench_harness`): a script's own folder is the first
+entry of sys.path when it runs as `.venv/bin/python scripts/<name>.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager, suppress
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"  # the only address anything here binds to or talks to
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+T = TypeVar("T")
+
+
+# --- the client loop and main -----------------------------------------------------------------
+
+
+def client_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed, else None (asyncio's own)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def client_loop_name() -> str:
+    """`uvloop <version>` when the client loop is uvloop's (see client_loop_factory)."""
+    if client_loop_factory() is None:
+        return "asyncio"
+    return f"uvloop {package_version('uvloop')}"
+
+
+def run_cancellable(runner: asyncio.Runner, work: Callable[[], Awaitable[T]]) -> T:
+    """`work()` run to the end on `runner`; SIGTERM, like Ctrl-C, cancels it, so every process
+    it started is still stopped in order."""
+    main_task: list[asyncio.Task[Any]] = []
+    runner.get_loop().add_signal_handler(
+        signal.SIGTERM, lambda: [task.cancel() for task in main_task]
+    )
+
+    async def run() -> T:
+        current = asyncio.current_task()
+        assert current is not None
+        main_task.append(current)
+        return await work()
+
+    return runner.run(run())
+
+
+def run_and_print(
+    benchmark: Callable[[], Awaitable[T]],
+    render: Callable[[T], str],
+    *,
+    as_json: bool,
+    program: str,
+    errors: tuple[type[Exception], ...],
+) -> int:
+    """A benchmark's main: run it on the client loop and print its report, as JSON or rendered.
+
+    The exit status: 0; 1 on one of `errors`, said on stderr after `program`; 130 when
+    interrupted (Ctrl-C or SIGTERM)."""
+    with asyncio.Runner(loop_factory=client_loop_factory()) as runner:
+        try:
+            report = run_cancellable(runner, benchmark)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("interrupted; everything started was stopped", file=sys.stderr)
+            return 130
+        except errors as exc:
+            print(f"{program}: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(report, indent=2) if as_json else render(report))
+    return 0
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name, which may hold spaces: index 0 is
+    field 3 (state), 1 the parent's pid, 11 and 12 utime and stime (fields 14 and 15)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (scanning /proc: `children` files may be missing)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with suppress(OSError):
+            if int(proc_stat(int(entry.name))[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+# --- the machine ------------------------------------------------------------------------------
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
+def cpu_model() -> str:
+    """The first "model name" of /proc/cpuinfo, else what `platform` says."""
+    cpu = ""
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return cpu or platform.processor()
+
+
+def usable_cpus() -> int | None:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return affinity or os.cpu_count()
+
+
+def manager_revision() -> str:
+    """The commit the manager runs from, `+dirty` when session_manager/ has local changes."""
+    git = ["git", "-C", str(PROJECT_ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "unknown"
+    status = subprocess.run(
+        [*git, "status", "--porcelain", "--", "session_manager"], capture_output=True, text=True
+    )
+    return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment without any manager or LiveKit setting."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("SESSION_MANAGER_", "LIVEKIT_"))
+    }
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    with suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+async def spawn(
+    command: list[str], *, cwd: Path, env: dict[str, str] | None, log_path: Path
+) -> Process:
+    """`command` in its own session (a Ctrl-C reaches only us), its output in `log_path`."""
+    with log_path.open("wb") as log_file:  # the child keeps its own copy of the descriptor
+        return await asyncio.create_subprocess_exec(
+            *command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+async def wait_until_up(
+    process: Process, name: str, probe_url: str, timeout: float, interval: float
+) -> None:
+    """Poll `probe_url` every `interval` s until it answers 200; fail early if the process dies."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode} at start")
+            with suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(probe_url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(interval)
+    raise RuntimeError(f"{name} did not answer {probe_url} within {timeout}s")
+
+
+async def stop_process(process: Process, name: str, timeout: float) -> None:
+    """SIGTERM, wait, then SIGKILL."""
+    if process.returncode is not None:
+        return
+    with suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        print(f"{name} ignored SIGTERM for {timeout}s; killing it", file=sys.stderr)
+        with suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
+def kill_survivors(pids: Iterable[int]) -> None:
+    """SIGKILL those of `pids` still in /proc."""
+    for pid in pids:
+        if Path(f"/proc/{pid}").exists():
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@asynccontextmanager
+async def running_process(
+    name: str,
+    command: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str] | None,
+    probe_url: str,
+    start_timeout: float,
+    stop_timeout: float,
+    probe_interval: float = 0.05,
+    reap_children: bool = False,
+) -> AsyncIterator[Process]:
+    """A child in its own session, its output in `cwd/<name>.log`, up once `probe_url` answers,
+    stopped on the way out whatever happens (its log's last lines printed if it failed to start
+    or died). With `reap_children`, the children it has when it is to stop and that outlive it
+    (it was killed before it could stop them) are killed too."""
+    log_path = cwd / f"{name}.log"
+    process = await spawn(command, cwd=cwd, env=env, log_path=log_path)
+    up = False
+    try:
+        await wait_until_up(process, name, probe_url, start_timeout, probe_interval)
+        up = True
+        yield process
+    finally:
+        if not up or process.returncode is not None:  # failed to start, or died early
+            print(f"{name} log, last lines:\n{tail(log_path)}", file=sys.stderr)
+        orphans = child_pids(process.pid) if reap_children else []
+        await stop_process(process, name, stop_timeout)
+        kill_survivors(orphans)

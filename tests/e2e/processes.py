@@ -1,0 +1,243 @@
+"""The processes of the end-to-end tests: children started with their output in files and
+stopped in reverse order, the real `session-manager` among them, waited for on /health, that
+must exit 0 and leave no livekit-server behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import aiohttp
+import pytest
+
+T = TypeVar("T")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HEALTH_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0  # the manager's shutdown has several stages of up to 10 s each
+POLL_INTERVAL = 0.1
+LOG_TAIL_LINES = 80
+
+# Settings a developer's shell may carry; the manager must run on its embedded defaults here.
+_SETTING_ENV_PREFIXES = ("SESSION_MANAGER_", "LIVEKIT_")
+_KEPT_ENV = frozenset({"SESSION_MANAGER_NETNS"})
+
+
+def require_netns() -> None:
+    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
+        pytest.fail("run through scripts/test.sh: this test needs the private network namespace")
+
+
+def child_environment() -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key in _KEPT_ENV or not key.startswith(_SETTING_ENV_PREFIXES)
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def session_manager_command() -> list[str]:
+    script = Path(sys.executable).with_name("session-manager")
+    if not script.exists():
+        script = REPO_ROOT / ".venv" / "bin" / "session-manager"
+    if not script.exists():
+        pytest.fail(
+            "the session-manager console script is not installed (run scripts/bootstrap.sh)"
+        )
+    return [str(script)]
+
+
+# ------------------------------------------------------------------------------- child processes
+
+
+@dataclass
+class ChildProcess:
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process.returncode is None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+@dataclass
+class Children:
+    """The processes this test started, in start order, with their output in files."""
+
+    log_dir: Path
+    started: list[ChildProcess] = field(default_factory=list)
+
+    async def start(self, name: str, argv: list[str], cwd: Path) -> ChildProcess:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log_file:  # the child keeps its own copy of the descriptor
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                env=child_environment(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        child = ChildProcess(name, process, log_path)
+        self.started.append(child)
+        return child
+
+    async def stop_all(self) -> None:
+        """SIGTERM each child, last started first; SIGKILL one that outlives STOP_TIMEOUT."""
+        for child in reversed(self.started):
+            await stop_process(child)
+
+    def print_log_tails(self) -> None:
+        for child in self.started:
+            print(f"----- last {LOG_TAIL_LINES} lines of {child.name} ({child.log_path}) -----")
+            print(child.log_tail())
+
+
+async def stop_process(child: ChildProcess) -> int:
+    if child.running:
+        child.process.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.wait_for(child.process.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        print(f"{child.name} ignored SIGTERM for {STOP_TIMEOUT} s; killing it")
+        child.process.kill()
+        return await child.process.wait()
+
+
+# ------------------------------------------------------------------------------------- /proc
+
+
+def child_pids(parent: int) -> set[int]:
+    """Live (non-zombie) processes whose parent is `parent`, from /proc."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == parent and state != "Z":
+                children.add(int(stat.parent.name))
+    return children
+
+
+def process_name(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def livekit_children(manager_pid: int) -> set[int]:
+    return {pid for pid in child_pids(manager_pid) if process_name(pid) == "livekit-server"}
+
+
+def kill_leftovers(pids: set[int]) -> None:
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------- the session-manager
+
+
+class NotHealthy(Exception):
+    """A health probe's answer other than the one waited for; its text is that answer."""
+
+
+@dataclass
+class ManagerChild:
+    """A test's session-manager, the first of the children the test starts."""
+
+    children: Children
+    child: ChildProcess
+    livekit_pids: set[int] = field(default_factory=set)
+
+    async def wait_for_health(
+        self,
+        probe: Callable[[], Awaitable[T]],
+        expected: str,
+        errors: tuple[type[Exception], ...] = (aiohttp.ClientError, TimeoutError),
+    ) -> T:
+        """What `probe` returns once it returns (it raises NotHealthy or one of `errors` until
+        /health answers as `expected`); fails if the manager exits or HEALTH_TIMEOUT passes."""
+        deadline = time.monotonic() + HEALTH_TIMEOUT
+        last_error = "no attempt yet"
+        while time.monotonic() < deadline:
+            if not self.child.running:
+                pytest.fail(
+                    f"session-manager exited with {self.child.process.returncode} before /health"
+                )
+            try:
+                return await probe()
+            except NotHealthy as answer:
+                last_error = str(answer)
+            except errors as error:
+                last_error = repr(error)
+            await asyncio.sleep(POLL_INTERVAL)
+        pytest.fail(
+            f"GET /health did not answer {expected} within {HEALTH_TIMEOUT} s: {last_error}"
+        )
+
+    def find_livekit(self) -> None:
+        """Note the livekit-server children of the manager: none may outlive it."""
+        self.livekit_pids = livekit_children(self.child.pid)
+        assert self.livekit_pids, "the manager started no livekit-server child"
+
+    def check_stopped_cleanly(self) -> None:
+        assert self.child.process.returncode == 0, (
+            f"session-manager exited with {self.child.process.returncode}"
+        )
+        left = {pid for pid in self.livekit_pids if is_alive(pid)}
+        kill_leftovers(left)
+        assert not left, f"livekit-server processes left running after the manager: {left}"
+
+
+@asynccontextmanager
+async def session_manager_child(tmp_path: Path, command: list[str]) -> AsyncIterator[ManagerChild]:
+    """`command`, a session-manager, started in tmp_path/manager-cwd (its SQLite store, if any,
+    lands under ./var there), its log and those of the children started after it in tmp_path.
+
+    On the way out every child is stopped, the manager last; then the manager must have exited 0
+    and left no livekit-server running. On any failure every child's log tail is printed."""
+    cwd = tmp_path / "manager-cwd"
+    cwd.mkdir()
+    children = Children(tmp_path)
+    manager = ManagerChild(children, await children.start("session-manager", command, cwd))
+    try:
+        try:
+            yield manager
+        finally:
+            await children.stop_all()
+        manager.check_stopped_cleanly()
+    except BaseException:
+        children.print_log_tails()
+        raise
