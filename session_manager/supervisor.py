@@ -125,10 +125,6 @@ class Supervisor:
         self.tell(make(reply))
         return await reply
 
-    @property
-    def live_sessions(self) -> int:
-        return len(self._children)
-
     def live_statuses(self) -> dict[str, int]:
         """How many live sessions are in each status (from their published views)."""
         counts: dict[str, int] = {}

@@ -109,10 +109,6 @@ class LiveKitGateway:
             if exc.livekit_code != api.ServerErrorCode.NOT_FOUND:
                 raise
 
-    async def list_room_names(self) -> list[str]:
-        response = await self._call("ListRooms", self._rooms.list_rooms(api.ListRoomsRequest()))
-        return [room.name for room in response.rooms]
-
     def mint_token(
         self,
         *,

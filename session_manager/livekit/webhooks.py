@@ -35,10 +35,6 @@ class RoomEvent:
     role: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def is_participant_event(self) -> bool:
-        return self.identity is not None
-
 
 # The only webhooks a session reacts to; LiveKit sends many more (room_started,
 # track_published, ...), and each create-session alone brings a room_started.
