@@ -63,9 +63,14 @@ class ServiceRecord:
         return float("inf") if limit is None else float(limit - len(self.sessions))
 
     @property
+    def accepting(self) -> bool:
+        """Healthy and not draining: may keep the sessions it has, capacity aside."""
+        return self.status is ServiceStatus.HEALTHY and not self.draining
+
+    @property
     def available(self) -> bool:
         """May be chosen for a new session: healthy, not draining, not full."""
-        return self.status is ServiceStatus.HEALTHY and not self.draining and self.free_capacity > 0
+        return self.accepting and self.free_capacity > 0
 
     def view(self) -> JsonDict:
         return {

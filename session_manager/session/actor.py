@@ -356,7 +356,8 @@ class SessionActor:
             chosen = None
             reason = f"{reason} (gave up after {slot.redispatches} redispatches)"
         else:
-            if not slot.retried_in_place and same is not None and same.available:
+            # The same instance keeps the capacity this session already holds on it.
+            if not slot.retried_in_place and same is not None and same.accepting:
                 chosen, slot.retried_in_place = same, True
             else:
                 chosen = registry.alternative(failed, exclude={*in_use, *slot.declined_by})

@@ -300,3 +300,14 @@ async def test_an_unhealthy_instance_with_no_stand_in_is_kept(harness: Harness) 
     await asyncio.sleep(0.05)
     view = await harness.view(created.session_id)
     assert view["status"] == "Ready" and service_of(view)["service_id"] == "pong-a"
+
+
+async def test_a_full_instance_may_take_its_own_session_back(harness: Harness) -> None:
+    await register_pongs(harness, "pong-a", max_sessions=1)
+    created = await harness.create(required_services=["type:PONG"])
+    harness.joined(created, "pong-a")
+    await harness.until(created.session_id, S.READY)
+    harness.left(created, "pong-a")
+    view = await harness.until(created.session_id, S.WAITING_FOR_SERVICES)
+    assert service_of(view)["service_id"] == "pong-a"  # its one slot is this session's
+    assert len(harness.microservices.requests) == 2
