@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Callable
-from contextlib import suppress
 
 from session_manager.dispatch import MicroserviceClient
+from session_manager.periodic import Periodic
 from session_manager.registry.registry import HealthChange, Registry
 
 log = logging.getLogger(__name__)
@@ -29,25 +28,15 @@ class HealthMonitor:
     ) -> None:
         self._registry = registry
         self._client = client
-        self._interval = interval
         self._timeout = timeout
         self._on_change = on_change
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic("health-monitor", self.check_all, interval=interval, jitter=JITTER)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="health-monitor")
+        self._rounds.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval * random.uniform(1 - JITTER, 1 + JITTER))
-            await self.check_all()
+        await self._rounds.aclose()
 
     async def check_all(self) -> None:
         services = [(r.service_id, r.endpoint) for r in self._registry.all()]

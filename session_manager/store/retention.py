@@ -3,13 +3,12 @@ idempotency keys past their lifetime, are removed at start and then every hour."
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from contextlib import suppress
 from datetime import timedelta
 
 from session_manager.clock import rfc3339, utc_now
+from session_manager.periodic import Periodic
 from session_manager.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -22,26 +21,14 @@ class RetentionSweeper:
         self._store = store
         self._session_retention = session_retention
         self._idempotency_ttl = idempotency_ttl
-        self._task: asyncio.Task[None] | None = None
+        self._sweeps = Periodic("retention-sweeper", self.sweep, interval=SWEEP_INTERVAL)
 
     async def start(self) -> None:
         await self.sweep()
-        self._task = asyncio.create_task(self._run(), name="retention-sweeper")
+        self._sweeps.start()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("retention sweep failed; will try again")
+        await self._sweeps.aclose()
 
     async def sweep(self) -> int:
         cutoff = rfc3339(utc_now() - timedelta(seconds=self._session_retention))
