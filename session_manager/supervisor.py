@@ -152,8 +152,9 @@ class Supervisor:
             while views := await self._store.list_sessions(
                 status=status.value, user_identity=None, limit=100, before=before
             ):
-                for view in views:
-                    await self._end_orphan(view, reason)
+                # A page at a time, in parallel: a LiveKit that is down costs one timeout, not
+                # one per orphan.
+                await asyncio.gather(*(self._end_orphan(view, reason) for view in views))
                 before = (views[-1]["created_at"], views[-1]["session_id"])
 
     async def _end_orphan(self, view: JsonDict, reason: str) -> None:
