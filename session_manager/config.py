@@ -246,11 +246,20 @@ def _check_webhooks(settings: Settings) -> None:
 
 
 def _check_livekit_credentials(settings: Settings) -> None:
+    has_key = bool(settings.livekit_api_key)
+    has_secret = settings.livekit_api_secret is not None and bool(
+        settings.livekit_api_secret.get_secret_value()
+    )
     if settings.livekit_url is None:
+        # A managed LiveKit takes a given key pair whole, or generates its own.
+        if has_key != has_secret:
+            raise SettingsError(
+                "invalid setting livekit_api_key/livekit_api_secret: give both or neither"
+            )
         return
-    if not settings.livekit_api_key:
+    if not has_key:
         raise SettingsError("invalid setting livekit_api_key: required when livekit_url is set")
-    if settings.livekit_api_secret is None or not settings.livekit_api_secret.get_secret_value():
+    if not has_secret:
         raise SettingsError("invalid setting livekit_api_secret: required when livekit_url is set")
 
 

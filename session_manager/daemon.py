@@ -187,6 +187,14 @@ class Daemon:
             rtc_tcp_port=settings.livekit_rtc_tcp_port,
             rtc_udp_port=settings.livekit_rtc_udp_port,
             webhook_urls=(webhook_url_for(settings, self.api_port),),
+            # LIVEKIT_API_KEY/SECRET without LIVEKIT_URL: the managed server takes that pair
+            # (e.g. LiveKit's dev pair devkey/secret, for tools that assume it).
+            api_key=settings.livekit_api_key,
+            api_secret=(
+                settings.livekit_api_secret.get_secret_value()
+                if settings.livekit_api_secret
+                else None
+            ),
         )
         server = ManagedLiveKitServer(config)
         await server.start(timeout=settings.livekit_start_timeout)

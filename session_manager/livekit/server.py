@@ -58,7 +58,6 @@ class ManagedLiveKitConfig:
     rtc_udp_port: int = 7882
     webhook_urls: tuple[str, ...] = ()
     api_key: str = MANAGED_API_KEY
-    # A fresh secret each start: nothing outside this process needs it, so nothing can leak it.
     api_secret: str = ""
 
     def render(self) -> str:
@@ -93,7 +92,11 @@ def new_config(
     rtc_tcp_port: int = 7881,
     rtc_udp_port: int = 7882,
     webhook_urls: tuple[str, ...] = (),
+    api_key: str | None = None,
+    api_secret: str | None = None,
 ) -> ManagedLiveKitConfig:
+    """Without a key pair of the caller's, a fresh random secret: nothing outside this process
+    needs it, so nothing can leak it."""
     return ManagedLiveKitConfig(
         binary=binary,
         host=host,
@@ -101,7 +104,8 @@ def new_config(
         rtc_tcp_port=rtc_tcp_port,
         rtc_udp_port=rtc_udp_port,
         webhook_urls=webhook_urls,
-        api_secret=secrets.token_urlsafe(32),
+        api_key=api_key or MANAGED_API_KEY,
+        api_secret=api_secret or secrets.token_urlsafe(32),
     )
 
 

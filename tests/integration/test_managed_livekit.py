@@ -8,6 +8,7 @@ import signal
 import socket
 
 import pytest
+from livekit import api
 
 from session_manager.livekit.server import (
     LiveKitServerError,
@@ -69,3 +70,31 @@ async def test_stop_is_clean_and_idempotent(caplog: pytest.LogCaptureFixture) ->
         await server.aclose()
     assert not server.running
     assert not any("exited unexpectedly" in r.getMessage() for r in caplog.records)
+
+
+# LiveKit's dev pair is short on purpose; PyJWT says so, and that is not this test's subject.
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+async def test_a_given_key_pair_is_the_one_that_works() -> None:
+    require_netns()
+    config = new_config(
+        find_binary(None),
+        port=free_port(),
+        rtc_tcp_port=free_port(),
+        rtc_udp_port=free_port(socket.SOCK_DGRAM),
+        api_key="devkey",
+        api_secret="secret",
+    )
+    server = ManagedLiveKitServer(config)
+    await server.start(timeout=30)
+    try:
+        good = api.LiveKitAPI(config.url, "devkey", "secret", failover=False)
+        bad = api.LiveKitAPI(config.url, "devkey", "not-the-secret", failover=False)
+        try:
+            await good.room.list_rooms(api.ListRoomsRequest())
+            with pytest.raises(api.ServerError):
+                await bad.room.list_rooms(api.ListRoomsRequest())
+        finally:
+            await good.aclose()
+            await bad.aclose()
+    finally:
+        await server.aclose()

@@ -99,3 +99,10 @@ def test_the_shipped_config_file_lists_every_setting() -> None:
         "config/session-manager.toml is stale: run scripts/write_config_reference.py"
     )
     assert load_settings(config_file=shipped, environ={}) == Settings()
+
+
+def test_a_managed_livekit_takes_a_key_pair_whole() -> None:
+    settings = load_settings(environ={"LIVEKIT_API_KEY": "devkey", "LIVEKIT_API_SECRET": "secret"})
+    assert settings.uses_managed_livekit and settings.livekit_api_key == "devkey"
+    with pytest.raises(SettingsError, match="give both or neither"):
+        load_settings(environ={"LIVEKIT_API_KEY": "devkey"})
