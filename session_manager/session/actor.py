@@ -243,9 +243,12 @@ class SessionActor:
             return
 
         self._set_status(S.WAITING_FOR_SERVICES)
-        self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+        join_deadline = self._deps.join_timeout
         if self._options.wait_until_ready and self._options.wait_timeout is not None:
             self._start_timer(WaitDeadlinePassed, self._options.wait_timeout)
+            # A caller who asked to wait longer than join_timeout is given that long.
+            join_deadline = max(join_deadline, self._options.wait_timeout)
+        self._start_timer(JoinDeadlinePassed, join_deadline)
         for slot in record.services.values():
             self._dispatch(slot)
 

@@ -311,3 +311,22 @@ async def test_a_full_instance_may_take_its_own_session_back(harness: Harness) -
     view = await harness.until(created.session_id, S.WAITING_FOR_SERVICES)
     assert service_of(view)["service_id"] == "pong-a"  # its one slot is this session's
     assert len(harness.microservices.requests) == 2
+
+
+async def test_a_caller_may_wait_longer_than_join_timeout(make_harness: HarnessFactory) -> None:
+    harness = await make_harness(join_timeout=0.1)
+    await register_pongs(harness, "pong-a")
+
+    async def join_later() -> None:
+        await asyncio.sleep(0.3)
+        [request] = harness.microservices.requests
+        harness.webhook(
+            "participant_joined", request.room_name, "pong-a", "service", request.session_id
+        )
+
+    joiner = asyncio.create_task(join_later())
+    created = await harness.create(
+        required_services=["type:PONG"], wait_until_ready=True, wait_timeout=2.0
+    )
+    await joiner
+    assert created.status == "Ready"
