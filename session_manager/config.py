@@ -103,6 +103,10 @@ class Settings(BaseModel):
         6 * 3600.0, gt=0, description="client token lifetime without duration_limit (seconds)"
     )
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+    cors_allow_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="origins whose web pages may call the API ('*': any; env/flag: ','-separated)",
+    )
 
     event_history: int = Field(
         10_000, ge=1, description="events kept for Last-Event-ID resumption and polling"
@@ -141,6 +145,13 @@ class Settings(BaseModel):
         # From the environment or a flag the list comes as one string: targets split by ';'.
         if isinstance(value, str):
             return [part.strip() for part in value.split(";") if part.strip()]
+        return value
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("webhooks")
@@ -291,5 +302,6 @@ def _toml_default(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
-        return '[]  # e.g. ["http://127.0.0.1:9000/hook SessionReady,SessionTerminated"]'
+        items = ", ".join(f'"{item}"' for item in value)
+        return f"[{items}]"
     return f'"{value}"'

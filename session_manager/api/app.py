@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from session_manager.api.cors import CorsPolicy
 from session_manager.api.errors import error_middleware
 from session_manager.api.routes import DAEMON, routes
 from session_manager.commands import GetSession
@@ -21,7 +22,11 @@ from session_manager.session.states import SessionStatus
 def create_app(settings: Settings, *, api_port: int | None = None) -> web.Application:
     """`api_port` is the port this API really listens on: the managed LiveKit posts its
     webhooks there. It defaults to `settings.port`."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    cors = CorsPolicy(settings.cors_allow_origins)
+    app = web.Application(
+        middlewares=[cors.middleware(), error_middleware], client_max_size=settings.max_body_bytes
+    )
+    app.on_response_prepare.append(cors.response_hook())
     app.add_routes(routes)
 
     async def daemon_context(app: web.Application) -> AsyncIterator[None]:

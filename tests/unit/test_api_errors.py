@@ -157,3 +157,44 @@ async def test_webhooks_nothing_acts_on_are_ignored_unverified(
     await assert_error(forged, 401, "Unauthorized", mentions="missing Authorization")
     garbage = await client.post("/livekit/webhook", data=b"<xml/>")
     await assert_error(garbage, 400, "InvalidRequest", mentions="JSON")
+
+
+async def test_browser_pages_may_call_the_api(client: TestClient[Any, Any]) -> None:
+    origin = {"Origin": "http://localhost:3000"}
+    preflight = await client.options(
+        "/api/v1/create-session",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "Content-Type" in preflight.headers["Access-Control-Allow-Headers"]
+
+    answer = await client.get("/health", headers=origin)
+    assert answer.headers["Access-Control-Allow-Origin"] == "*"
+    error = await client.get("/nope", headers=origin)
+    assert error.status == 404 and error.headers["Access-Control-Allow-Origin"] == "*"
+    stream = await client.get("/api/v1/events", headers={**origin, "Accept": "text/event-stream"})
+    assert stream.headers["Access-Control-Allow-Origin"] == "*"
+    stream.close()
+
+
+async def test_only_listed_origins_when_restricted(aiohttp_client: Any, tmp_path: Path) -> None:
+    settings = Settings.model_validate(
+        {
+            "livekit_url": "ws://127.0.0.1:9",
+            "livekit_api_key": "k",
+            "livekit_api_secret": "s",
+            "data_dir": tmp_path,
+            "cors_allow_origins": "https://app.example.test",
+        }
+    )
+    client = await aiohttp_client(create_app(settings))
+    good = await client.get("/health", headers={"Origin": "https://app.example.test"})
+    assert good.headers["Access-Control-Allow-Origin"] == "https://app.example.test"
+    bad = await client.get("/health", headers={"Origin": "https://evil.example.test"})
+    assert "Access-Control-Allow-Origin" not in bad.headers
