@@ -26,7 +26,7 @@ from livekit.rtc import _ffi_client
 
 from session_manager.api.app import create_app
 from session_manager.config import Settings
-from session_manager.livekit.server import find_binary, new_config
+from session_manager.livekit.server import die_with_parent, find_binary, new_config
 
 NETNS_ENV = "SESSION_MANAGER_NETNS"
 
@@ -110,7 +110,10 @@ def livekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveKitUnderTe
     config_path.write_text(config.render())
     with (workdir / "livekit.log").open("wb") as output:
         process = subprocess.Popen(
-            [config.binary, "--config", str(config_path)], stdout=output, stderr=subprocess.STDOUT
+            [config.binary, "--config", str(config_path)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,  # gone with this test process, however it ends
         )
     try:
         _wait_until_up(f"http://127.0.0.1:{config.port}/", process, timeout=30)

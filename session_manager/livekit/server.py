@@ -7,11 +7,13 @@ binding), is polled until it answers `GET /` with OK, and is stopped with SIGTER
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 from contextlib import suppress
 from dataclasses import dataclass
@@ -27,6 +29,19 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_BINARY = PROJECT_ROOT / ".cache" / "bin" / "livekit-server"
 MANAGED_API_KEY = "session-manager"
 GRACEFUL_STOP = 2.0  # seconds LiveKit may drain after the first SIGTERM
+
+
+_PR_SET_PDEATHSIG = 1
+# Loaded here, in the parent: the child between fork and exec must not load libraries.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent() -> None:
+    """In the child before exec: have the kernel kill it when its parent dies, so a manager that
+    is killed outright leaves no livekit-server holding its ports (Linux only). SIGKILL, not
+    SIGTERM: with nobody left to send the second SIGTERM, LiveKit may hang in its drain."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class LiveKitServerError(Exception):
@@ -135,6 +150,7 @@ class ManagedLiveKitServer:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in our terminal reaches us, and we stop it in order
+            preexec_fn=die_with_parent,
         )
         self._relay = asyncio.create_task(self._relay_output(), name="livekit-server-output")
         try:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import signal
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 from livekit import api
@@ -98,3 +100,47 @@ async def test_a_given_key_pair_is_the_one_that_works() -> None:
             await bad.aclose()
     finally:
         await server.aclose()
+
+
+async def test_a_killed_manager_leaves_no_livekit_behind(tmp_path: Path) -> None:
+    require_netns()
+    pid_file = tmp_path / "livekit.pid"
+    script = f"""
+import asyncio, socket
+from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
+from tests.conftest import free_port
+async def main():
+    server = ManagedLiveKitServer(new_config(find_binary(None), port=free_port(),
+        rtc_tcp_port=free_port(), rtc_udp_port=free_port(socket.SOCK_DGRAM)))
+    await server.start(timeout=30)
+    open({str(pid_file)!r}, "w").write(str(server._process.pid))
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+    parent = await asyncio.create_subprocess_exec(sys.executable, "-c", script)
+    try:
+        for _ in range(300):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            await asyncio.sleep(0.05)
+        livekit_pid = int(pid_file.read_text())
+        assert alive(livekit_pid)
+        parent.kill()  # SIGKILL: the manager gets no chance to stop its child
+        await parent.wait()
+        for _ in range(100):
+            if not alive(livekit_pid):
+                break
+            await asyncio.sleep(0.05)
+        assert not alive(livekit_pid), "livekit-server outlived the process that started it"
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.split(") ", 1)[1][0] != "Z"  # a zombie has exited already
