@@ -155,9 +155,14 @@ async def create_session(request: web.Request) -> web.Response:
         ),
     )
     # "The same body" means the same request once parsed: key order and spacing do not count.
-    body_hash = hashlib.sha256(
-        orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-    ).hexdigest()
+    # Only a request with a key is compared, so only then is the hash worth its cost.
+    body_hash = (
+        hashlib.sha256(
+            orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+        if key is not None
+        else ""
+    )
     created: SessionCreated = await _supervisor(request).ask(
         lambda reply: CreateSession(spec, reply, key, body_hash)
     )

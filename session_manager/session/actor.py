@@ -480,7 +480,7 @@ class SessionActor:
                 EventType.MICROSERVICE_JOINED,
                 service_id=slot.service_id,
                 requirement=slot.requirement,
-                join_ms=slot.view()["join_ms"],
+                join_ms=slot.join_ms,
             )
             return
         slot.state, slot.left_at = ServiceState.LEFT, utc_now()
@@ -625,7 +625,7 @@ class SessionActor:
             reason=self.record.reason,
         )
         if new is S.READY:
-            self._emit(EventType.SESSION_READY, ready_ms=self.record.view()["ready_ms"])
+            self._emit(EventType.SESSION_READY, ready_ms=self.record.ready_ms)
         elif new is S.TERMINATED:
             self._emit(EventType.SESSION_TERMINATED, reason=self.record.reason)
         level = logging.INFO if new in (S.READY, S.ACTIVE, S.TERMINATED) else logging.DEBUG

@@ -49,6 +49,10 @@ class ServiceSlot:
         self.state = ServiceState.PENDING
         self.dispatched_at = self.answered_at = self.joined_at = self.left_at = None
 
+    @property
+    def join_ms(self) -> float | None:
+        return _ms_between(self.dispatched_at, self.joined_at)
+
     def view(self) -> JsonDict:
         return {
             "requirement": self.requirement,
@@ -64,7 +68,7 @@ class ServiceSlot:
             "joined_at": _ts(self.joined_at),
             "left_at": _ts(self.left_at),
             # From the first join-room call to LiveKit's participant_joined webhook.
-            "join_ms": _ms_between(self.dispatched_at, self.joined_at),
+            "join_ms": self.join_ms,
         }
 
 
@@ -90,6 +94,10 @@ class SessionRecord:
     @property
     def all_services_joined(self) -> bool:
         return all(slot.state is ServiceState.JOINED for slot in self.services.values())
+
+    @property
+    def ready_ms(self) -> float | None:
+        return _ms_between(self.created_at, self.ready_at)
 
     def slot_of(self, service_id: str) -> ServiceSlot | None:
         """The slot an instance currently fills, if any."""
@@ -118,5 +126,5 @@ class SessionRecord:
             "ready_at": _ts(self.ready_at),
             "active_at": _ts(self.active_at),
             "terminated_at": _ts(self.terminated_at),
-            "ready_ms": _ms_between(self.created_at, self.ready_at),
+            "ready_ms": self.ready_ms,
         }
