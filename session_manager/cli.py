@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -24,8 +25,9 @@ from session_manager.config import (
     env_name,
     load_settings,
 )
-from session_manager.livekit.server import LiveKitServerError
+from session_manager.errors import StartupFailed
 from session_manager.logs import configure_logging
+from session_manager.supervision import cancel_and_wait
 
 log = logging.getLogger("session_manager")
 
@@ -86,6 +88,45 @@ async def _freeze_startup_objects(app: web.Application) -> None:
     gc.freeze()
 
 
+EXIT_FATAL = 70  # EX_SOFTWARE: a core loop died; the process manager should restart us
+
+
+async def serve(app: web.Application, sock: socket.socket, settings: Settings) -> int:
+    """Run the API until SIGINT/SIGTERM (exit 0) or until a core part of the daemon fails for
+    good (exit EXIT_FATAL): crash-only, so a process manager brings back a clean process."""
+    from session_manager.api.routes import DAEMON
+
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_timeout,
+        access_log=logging.getLogger("aiohttp.access"),
+    )
+    await runner.setup()  # starts the daemon (the app's cleanup context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.SockSite(runner, sock).start()
+        daemon = app[DAEMON]
+        stopping = asyncio.ensure_future(stop.wait())
+        failing = asyncio.ensure_future(daemon.failed.wait())
+        try:
+            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait((stopping, failing))
+        if daemon.failure is not None:
+            log.error("stopping: a core part failed", extra={"reason": daemon.failure})
+            return EXIT_FATAL
+        log.info("stopping on signal")
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
@@ -113,16 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     app = create_app(settings, api_port=port)
     app.on_startup.append(_freeze_startup_objects)
+    loop = _event_loop()
     try:
-        web.run_app(
-            app,
-            sock=sock,
-            shutdown_timeout=settings.shutdown_timeout,
-            print=None,
-            access_log=logging.getLogger("aiohttp.access"),
-            loop=_event_loop(),
-        )
-    except LiveKitServerError as exc:
+        return loop.run_until_complete(serve(app, sock, settings))
+    except StartupFailed as exc:
         print(f"session-manager: {exc}", file=sys.stderr)
         return 1
-    return 0
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -5,10 +5,12 @@ their type."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from session_manager.livekit.webhooks import RoomEvent
-from session_manager.registry.registry import HealthChange
+from session_manager.registry.health import HealthResults
 from session_manager.session.messages import CreateOptions, SessionCreated
 from session_manager.session.record import JsonDict
 from session_manager.store.base import SessionCursor
@@ -126,14 +128,32 @@ class ActorExited:
 
 
 @dataclass(frozen=True)
-class ServiceHealthChanged:
-    change: HealthChange
+class HealthChecked:
+    """One round of the health monitor: the registry applies it, from the supervisor's loop."""
+
+    results: HealthResults
 
 
 @dataclass(frozen=True)
-class IdempotentCreateFinished:
-    key: str
-    outcome: asyncio.Future[SessionCreated]
+class LiveKitLost:
+    """LiveKit went down. `rooms_lost`: every room is certainly gone (a managed single node
+    that died); otherwise we cannot know until it answers again."""
+
+    reason: str
+    rooms_lost: bool
+
+
+@dataclass(frozen=True)
+class LiveKitBack:
+    """LiveKit answers again: compare its rooms with the live sessions."""
+
+
+@dataclass(frozen=True)
+class IoFinished:
+    """A piece of I/O the supervisor ran outside its loop is done; `then` runs in the loop."""
+
+    task: asyncio.Future[Any]
+    then: Callable[[asyncio.Future[Any]], None]
 
 
 SupervisorMessage = (
@@ -151,6 +171,8 @@ SupervisorMessage = (
     | ListServices
     | LiveKitEvent
     | ActorExited
-    | ServiceHealthChanged
-    | IdempotentCreateFinished
+    | HealthChecked
+    | LiveKitLost
+    | LiveKitBack
+    | IoFinished
 )

@@ -68,6 +68,12 @@ class Settings(BaseModel):
     livekit_start_timeout: float = Field(
         30.0, gt=0, description="seconds to wait for the managed LiveKit to answer"
     )
+    livekit_probe_interval: float = Field(
+        2.0, gt=0, le=60, description="seconds between checks that LiveKit answers"
+    )
+    livekit_restart_max_backoff: float = Field(
+        30.0, gt=0, description="longest wait between restarts of a managed LiveKit that died"
+    )
 
     join_timeout: float = Field(
         30.0, gt=0, description="seconds for required services to join before the session ends"
@@ -103,6 +109,20 @@ class Settings(BaseModel):
         6 * 3600.0, gt=0, description="client token lifetime without duration_limit (seconds)"
     )
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body accepted")
+    max_metadata_bytes: int = Field(
+        16384, ge=256, le=1_048_576, description="largest metadata object, serialised as JSON"
+    )
+    max_session_duration: float = Field(
+        86400.0, gt=0, description="largest metadata.duration_limit accepted (seconds)"
+    )
+    store_max_pending: int = Field(
+        50_000,
+        ge=100,
+        description="session views waiting to be written, at most; past it new sessions get 503",
+    )
+    store_flush_timeout: float = Field(
+        10.0, gt=0, description="seconds to wait for pending writes at start-up and shutdown"
+    )
     cors_allow_origins: list[str] = Field(
         default_factory=lambda: ["*"],
         description="origins whose web pages may call the API ('*': any; env/flag: ','-separated)",

@@ -1,8 +1,8 @@
-"""Builds the manager's long-lived parts in order and tears them down in reverse.
+"""Builds the manager's long-lived parts in named stages and tears them down in reverse.
 
-store -> registry -> LiveKit (managed child or external) -> gateway -> microservice client ->
-supervisor. Each teardown stage has its own timeout and its own error handling, so one stuck
-stage is logged and the next one still runs.
+store -> events -> retention -> registry -> LiveKit (managed child or external) and gateway ->
+microservice client -> sessions (the supervisor) -> health monitor. Each teardown stage has its
+own timeout and its own error handling, so one stuck stage is logged and the next one still runs.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from contextlib import AsyncExitStack
 
 import aiohttp
 
+from session_manager.clock import now_rfc3339
 from session_manager.config import Settings
 from session_manager.dispatch import DispatchPolicy, MicroserviceClient
 from session_manager.events import EventLog, OutboundWebhooks, WebhookPolicy, WebhookTarget
+from session_manager.health_board import SUPERVISOR, HealthBoard, Problem
 from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, make_endpoint
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
+from session_manager.livekit.watch import LiveKitWatch
 from session_manager.livekit.webhooks import WebhookVerifier
 from session_manager.registry import Registry
 from session_manager.registry.health import HealthMonitor
@@ -44,41 +47,78 @@ def webhook_url_for(settings: Settings, api_port: int) -> str:
 
 
 class Daemon:
-    """Owns every long-lived resource of one manager process."""
+    """Owns every long-lived resource of one manager process, and says when it cannot serve.
+
+    Start-up runs named stages in order; each registers its teardown, and teardown runs them in
+    reverse. A core loop that dies and cannot be rebuilt in place calls `fail`: the process then
+    exits non-zero (crash-only), and /health turns 503 at once.
+    """
 
     def __init__(self, settings: Settings, *, api_port: int) -> None:
         self.settings = settings
         self.api_port = api_port
         self._stack = AsyncExitStack()
+        self.board = HealthBoard()
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
+        self.draining = ""  # since when (RFC 3339) this process has been shutting down
         self.store: Store
         self.events: EventLog
         self.outbound_webhooks: OutboundWebhooks
         self.registry: Registry
         self.gateway: LiveKitGateway
         self.livekit_webhooks: WebhookVerifier
+        self.microservices: MicroserviceClient
         self.supervisor: Supervisor
         self.health: HealthMonitor
         self.livekit_server: ManagedLiveKitServer | None = None
 
+    def fail(self, component: str, reason: str) -> None:
+        """A core part is gone for good: report it and have the process exit non-zero."""
+        self.board.down(component, reason)
+        if self.failure is None:
+            self.failure = f"{component}: {reason}"
+            self.failed.set()
+
     async def start(self) -> None:
         try:
-            await self._start()
+            for name, stage in (
+                ("store", self._open_store),
+                ("events", self._start_events),
+                ("retention", self._start_retention),
+                ("registry", self._load_registry),
+                ("livekit", self._connect_livekit),
+                ("microservice client", self._start_microservice_client),
+                ("sessions", self._start_sessions),
+                ("livekit watch", self._watch_livekit),
+                ("health monitor", self._start_health_monitor),
+            ):
+                log.debug("starting stage", extra={"stage": name})
+                await stage()
         except BaseException:
             await self.aclose()
             raise
+        log.info(
+            "session manager ready",
+            extra={
+                "livekit_url": self.gateway.endpoint.public_url,
+                "managed_livekit": self.livekit_server is not None,
+                "services": len(self.registry.all()),
+            },
+        )
 
-    async def _start(self) -> None:
+    async def _open_store(self) -> None:
         settings = self.settings
-        stage = self._stage
-
         self.store = (
             SqliteStore(settings.data_dir / "session-manager.sqlite3")
             if settings.store == "sqlite"
             else MemoryStore()
         )
         await self.store.open()
-        stage("store", self.store.aclose)
+        self._stage("store", self.store.aclose)
 
+    async def _start_events(self) -> None:
+        settings = self.settings
         self.events = EventLog(settings.event_history)
         self.outbound_webhooks = OutboundWebhooks(
             [WebhookTarget.parse(spec) for spec in settings.webhooks],
@@ -95,33 +135,40 @@ class Daemon:
         await self.outbound_webhooks.start()
         # Registered before the sessions stage, so it closes after it: the events of sessions
         # ended at shutdown are still delivered.
-        stage("outbound webhooks", lambda: self.outbound_webhooks.aclose(settings.shutdown_timeout))
+        self._stage(
+            "outbound webhooks", lambda: self.outbound_webhooks.aclose(settings.shutdown_timeout)
+        )
         self.events.add_listener(self.outbound_webhooks.offer)
 
+    async def _start_retention(self) -> None:
         sweeper = RetentionSweeper(
             self.store,
-            session_retention=settings.session_retention,
-            idempotency_ttl=settings.idempotency_ttl,
+            session_retention=self.settings.session_retention,
+            idempotency_ttl=self.settings.idempotency_ttl,
         )
         await sweeper.start()
-        stage("retention sweeper", sweeper.aclose)
+        self._stage("retention sweeper", sweeper.aclose)
 
+    async def _load_registry(self) -> None:
         self.registry = Registry(
             self.store,
-            unhealthy_after=settings.unhealthy_after,
-            healthy_after=settings.healthy_after,
+            unhealthy_after=self.settings.unhealthy_after,
+            healthy_after=self.settings.healthy_after,
         )
         await self.registry.load()
 
+    async def _connect_livekit(self) -> None:
         endpoint = await self._livekit_endpoint()
-        self.gateway = LiveKitGateway(endpoint, timeout=settings.livekit_timeout)
+        self.gateway = LiveKitGateway(endpoint, timeout=self.settings.livekit_timeout)
         await self.gateway.start()
-        stage("livekit gateway", self.gateway.aclose)
+        self._stage("livekit gateway", self.gateway.aclose)
         self.livekit_webhooks = WebhookVerifier(endpoint.api_key, endpoint.api_secret)
 
+    async def _start_microservice_client(self) -> None:
+        settings = self.settings
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
-        stage("microservice client", http.close)
-        microservices = MicroserviceClient(
+        self._stage("microservice client", http.close)
+        self.microservices = MicroserviceClient(
             http,
             DispatchPolicy(
                 timeout=settings.dispatch_timeout,
@@ -129,10 +176,13 @@ class Daemon:
                 backoff=settings.dispatch_backoff,
             ),
         )
+
+    async def _start_sessions(self) -> None:
+        settings = self.settings
         deps = SessionDeps(
             events=self.events,
             gateway=self.gateway,
-            microservices=microservices,
+            microservices=self.microservices,
             registry=self.registry,
             join_timeout=settings.join_timeout,
             room_empty_timeout=settings.room_empty_timeout,
@@ -147,28 +197,38 @@ class Daemon:
             self.store,
             deps,
             events=self.events,
+            board=self.board,
+            on_fatal=lambda reason: self.fail(SUPERVISOR, reason),
             idempotency_ttl=settings.idempotency_ttl,
+            startup_timeout=settings.store_flush_timeout,
         )
         await self.supervisor.start()
-        stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
+        self._stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
 
+    async def _watch_livekit(self) -> None:
+        # After the sessions stage, so it closes before it: the sessions ended at shutdown are
+        # not also ended as "LiveKit lost" if the managed LiveKit is stopped meanwhile.
+        watch = LiveKitWatch(
+            self.gateway,
+            board=self.board,
+            on_lost=self.supervisor.livekit_lost,
+            on_back=self.supervisor.livekit_back,
+            interval=self.settings.livekit_probe_interval,
+            managed=self.livekit_server,
+        )
+        watch.start()
+        self._stage("livekit watch", watch.aclose)
+
+    async def _start_health_monitor(self) -> None:
         self.health = HealthMonitor(
             self.registry,
-            microservices,
-            interval=settings.health_interval,
-            timeout=settings.health_timeout,
-            on_change=self.supervisor.health_changed,
+            self.microservices,
+            interval=self.settings.health_interval,
+            timeout=self.settings.health_timeout,
+            on_results=self.supervisor.health_checked,
         )
         await self.health.start()
-        stage("health monitor", self.health.aclose)
-        log.info(
-            "session manager ready",
-            extra={
-                "livekit_url": endpoint.public_url,
-                "managed_livekit": self.livekit_server is not None,
-                "services": len(self.registry.all()),
-            },
-        )
+        self._stage("health monitor", self.health.aclose)
 
     async def _livekit_endpoint(self) -> LiveKitEndpoint:
         settings = self.settings
@@ -196,7 +256,9 @@ class Daemon:
                 else None
             ),
         )
-        server = ManagedLiveKitServer(config)
+        server = ManagedLiveKitServer(
+            config, restart_max_backoff=settings.livekit_restart_max_backoff
+        )
         await server.start(timeout=settings.livekit_start_timeout)
         self.livekit_server = server
         self._stage("managed livekit-server", server.aclose)
@@ -217,8 +279,16 @@ class Daemon:
 
         self._stack.push_async_callback(run_stage)
 
+    def health_problems(self) -> list[Problem]:
+        """What keeps the manager from serving now; empty when it can."""
+        problems = self.board.problems()
+        if self.draining and not self.board.is_down(SUPERVISOR):
+            problems.insert(0, Problem(SUPERVISOR, "shutting down", self.draining))
+        return problems
+
     def drain(self) -> None:
         """Stop taking sessions and end the event streams, so in-flight HTTP can finish."""
+        self.draining = self.draining or now_rfc3339()
         if hasattr(self, "supervisor"):
             self.supervisor.drain()
         if hasattr(self, "events"):

@@ -58,9 +58,10 @@ class ShuttingDown(ManagerError):
 
 
 class SessionGone(ManagerError):
-    """The session ended (or its actor stopped) before it could answer."""
+    """The session ended before it could answer: a DELETE, room_finished or a time limit won
+    the race with this request. The caller asked about a session that no longer runs: 409."""
 
-    status = 500
+    status = 409
     code = "SessionTerminated"
 
 
@@ -74,3 +75,21 @@ class NoCapacity(ManagerError):
 
     status = 503
     code = "NoCapacity"
+
+
+class StoreUnavailable(ManagerError):
+    """The store cannot take writes now (failing disk, or too much waiting to be written)."""
+
+    status = 503
+    code = "StoreUnavailable"
+
+
+class Unhealthy(ManagerError):
+    """A core part of the manager is down; new work is refused until it is back."""
+
+    status = 503
+    code = "Unavailable"
+
+
+class StartupFailed(Exception):
+    """Start-up cannot go on; the message is one line for the operator (no traceback)."""

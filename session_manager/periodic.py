@@ -6,7 +6,8 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
+
+from session_manager.supervision import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,10 @@ class Periodic:
         *,
         interval: float,
         jitter: float = 0.0,
+        run_at_once: bool = False,
     ) -> None:
         self._name = name
+        self._run_at_once = run_at_once
         self._job = job
         self._interval = interval
         self._jitter = jitter
@@ -36,16 +39,18 @@ class Periodic:
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait((task,))
 
     async def _run(self) -> None:
+        if self._run_at_once:
+            await self._run_job()
         while True:
             spread = random.uniform(1 - self._jitter, 1 + self._jitter)
             await asyncio.sleep(self._interval * spread)
-            try:
-                await self._job()
-            except Exception:
-                log.exception("periodic job failed; it runs again later", extra={"job": self._name})
+            await self._run_job()
+
+    async def _run_job(self) -> None:
+        try:
+            await self._job()
+        except Exception:
+            log.exception("periodic job failed; it runs again later", extra={"job": self._name})

@@ -1,10 +1,16 @@
-"""The supervisor actor: takes the front door's commands from one inbox, spawns a session actor
-per session, routes LiveKit webhooks to the actor that owns the room, and reaps actors that end.
+"""The supervisor actor owns its loop: it takes the front door's commands from one inbox, spawns a
+session actor per session, routes LiveKit webhooks to the actor that owns the room, and reaps
+actors that end.
 
 Sessions are OTP `temporary` children: never restarted; when one ends (or crashes) it is cleaned
 up, its services' capacity is given back, and its final view stays readable from the store.
-The supervisor is also the registry's only caller for changes, so registrations and the load
-counted against them change one command at a time.
+The supervisor is the registry's one writer: registrations, health results and load change only
+from its loop, one command at a time.
+
+Its loop never waits on I/O: reads of the store, idempotency look-ups and writes, registration
+writes and LiveKit room listings run as tasks it owns (`_offload`); what must change state when
+they finish comes back through the inbox as `IoFinished`. If the loop itself dies, every waiting
+caller is answered at once, /health turns 503 and `on_fatal` has the process exit non-zero.
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import dataclass
-from typing import TypeVar
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from session_manager.clock import now_rfc3339
 from session_manager.commands import (
@@ -28,28 +34,36 @@ from session_manager.commands import (
     DrainService,
     GetService,
     GetSession,
-    IdempotentCreateFinished,
+    HealthChecked,
+    IoFinished,
     ListServices,
     ListSessions,
+    LiveKitBack,
     LiveKitEvent,
+    LiveKitLost,
     NewSession,
     RegisterService,
     RemoveSessionService,
-    ServiceHealthChanged,
     SupervisorMessage,
     UpdateService,
 )
 from session_manager.errors import (
     Conflict,
     InvalidRequest,
+    LiveKitUnavailable,
     ManagerError,
     NotFound,
     ShuttingDown,
+    StartupFailed,
+    StoreUnavailable,
+    Unhealthy,
 )
 from session_manager.events import EventLog, EventType
+from session_manager.health_board import LIVEKIT, STORE, SUPERVISOR, HealthBoard
 from session_manager.livekit.webhooks import RoomEvent
 from session_manager.registry import Registry, ServiceRecord
-from session_manager.registry.registry import HealthChange, ServiceStatus
+from session_manager.registry.health import HealthResults
+from session_manager.registry.registry import ServiceStatus
 from session_manager.session.actor import SessionActor, SessionDeps
 from session_manager.session.messages import (
     AddService,
@@ -62,27 +76,35 @@ from session_manager.session.messages import (
     settle,
 )
 from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
-from session_manager.session.states import SessionStatus
+from session_manager.session.states import LIVE_STATUSES, SessionStatus
 from session_manager.store.base import SessionCursor, Store
+from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TERMINATED_BY_REQUEST = "terminated by request"
+# A caller is never left waiting longer than this, whatever happens inside (the longest wait a
+# caller can ask for, timeout_secs, is 3600 s).
+ASK_TIMEOUT = 3700.0
+SEEN_WEBHOOKS = 10_000  # webhook ids remembered, so one LiveKit sends twice is acted on once
 
 
 @dataclass
 class _Child:
     actor: SessionActor
     task: asyncio.Task[None]
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class _PendingCreate:
-    """A create under an Idempotency-Key still in flight; retries wait for its outcome."""
+    """A create under an Idempotency-Key not yet stored; retries with the key wait for it."""
 
     body_hash: str
+    spec: NewSession
     waiters: list[asyncio.Future[SessionCreated]]
+    outcome: asyncio.Future[SessionCreated] | None = None  # set once the session answered
 
 
 class Supervisor:
@@ -93,37 +115,56 @@ class Supervisor:
         deps: SessionDeps,
         *,
         events: EventLog,
+        board: HealthBoard | None = None,
+        on_fatal: Callable[[str], None] | None = None,
         idempotency_ttl: float = 86400.0,
+        startup_timeout: float = 10.0,
     ) -> None:
         self._events = events
         self._registry = registry
         self._store = store
         self._deps = deps
+        self._board = board or HealthBoard()
+        self._on_fatal = on_fatal
         self._idempotency_ttl = idempotency_ttl
+        self._startup_timeout = startup_timeout
         self._inbox: asyncio.Queue[SupervisorMessage] = asyncio.Queue()
         self._children: dict[str, _Child] = {}
         self._rooms: dict[str, str] = {}  # room name -> session id, for routing webhooks
         self._views: dict[str, JsonDict] = {}  # latest view of each live session
         self._pending_creates: dict[str, _PendingCreate] = {}
+        self._io: set[asyncio.Task[Any]] = set()  # I/O run outside the loop, owned here
+        self._registry_writes: dict[str, asyncio.Task[None]] = {}  # last write per service id
+        self._seen_webhooks: OrderedDict[str, None] = OrderedDict()
         self._accepting = True
         self.sessions_created = 0  # counters for /metrics
         self.sessions_ended = 0
         self._loop_task: asyncio.Task[None] | None = None
+        self._failure: str | None = None
         self._closed = False
         self._close_lock = asyncio.Lock()
 
     # the outside's interface -----------------------------------------------------------------
 
     def tell(self, message: SupervisorMessage) -> None:
+        if self._failure is not None or self._closed:
+            self._refuse(message)
+            return
         self._inbox.put_nowait(message)
 
     async def ask(self, make: Callable[[asyncio.Future[T]], SupervisorMessage]) -> T:
-        """Send a command that carries a future and wait for the answer."""
+        """Send a command that carries a future and wait for the answer (bounded)."""
         if self._closed:
             raise ShuttingDown("the session manager is shutting down")
+        if self._failure is not None:
+            raise Unhealthy(f"the session manager cannot serve: {self._failure}")
         reply: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self.tell(make(reply))
-        return await reply
+        try:
+            async with asyncio.timeout(ASK_TIMEOUT):
+                return await reply
+        except TimeoutError:
+            raise Unhealthy("the session manager did not answer in time") from None
 
     def live_statuses(self) -> dict[str, int]:
         """How many live sessions are in each status (from their published views)."""
@@ -132,22 +173,35 @@ class Supervisor:
             counts[view["status"]] = counts.get(view["status"], 0) + 1
         return counts
 
-    def health_changed(self, change: HealthChange) -> None:
-        """Called by the health monitor: record the change; sessions lose an instance that
-        turned Unhealthy at once, instead of waiting for LiveKit to notice it is gone."""
-        self.tell(ServiceHealthChanged(change))
+    def health_checked(self, results: HealthResults) -> None:
+        """Called by the health monitor after each round."""
+        self.tell(HealthChecked(results))
+
+    def livekit_lost(self, reason: str, rooms_lost: bool) -> None:
+        """Called by the LiveKit watch when LiveKit goes down."""
+        self.tell(LiveKitLost(reason, rooms_lost))
+
+    def livekit_back(self) -> None:
+        """Called by the LiveKit watch when LiveKit answers again."""
+        self.tell(LiveKitBack())
 
     # lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._end_orphans()
+        try:
+            await self._end_orphans()
+        except ManagerError as exc:
+            raise StartupFailed(
+                f"sessions left by the previous process could not be read: {exc.message}"
+            ) from None
         self._loop_task = asyncio.create_task(self._run(), name="supervisor")
+        watch(self._loop_task, self._loop_died)
 
     async def _end_orphans(self) -> None:
         """Sessions the store still holds as live lost their actor with the last process (it
         was killed, or crashed): end them properly — room deleted, Terminated with a reason."""
         reason = "session manager restarted while the session was live"
-        for status in (S for S in SessionStatus if S is not SessionStatus.TERMINATED):
+        for status in LIVE_STATUSES:
             before: SessionCursor | None = None
             while views := await self._store.list_sessions(
                 status=status.value, user_identity=None, limit=100, before=before
@@ -156,6 +210,10 @@ class Supervisor:
                 # one per orphan.
                 await asyncio.gather(*(self._end_orphan(view, reason) for view in views))
                 before = (views[-1]["created_at"], views[-1]["session_id"])
+        try:
+            await asyncio.wait_for(self._store.flush(), self._startup_timeout)
+        except (TimeoutError, ManagerError):
+            log.error("ended orphans could not be written in time; they end again next start")
 
     async def _end_orphan(self, view: JsonDict, reason: str) -> None:
         try:
@@ -176,7 +234,6 @@ class Supervisor:
             "updated_at": now,
         }
         self._store.save_session(ended)
-        await self._store.flush()
         self._events.append(
             EventType.SESSION_TERMINATED, session_id=view["session_id"], data={"reason": reason}
         )
@@ -206,15 +263,10 @@ class Supervisor:
                         "sessions still ending at shutdown; cancelling",
                         extra={"count": len(pending)},
                     )
-                    for task in pending:
-                        task.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
+                    await cancel_and_wait(pending)
             self._closed = True
-            if self._loop_task is not None:
-                self._loop_task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await self._loop_task
-                self._loop_task = None
+            await cancel_and_wait((self._loop_task, *self._io))
+            self._loop_task = None
             self._refuse_leftovers()
 
     # the loop --------------------------------------------------------------------------------
@@ -223,121 +275,241 @@ class Supervisor:
         while True:
             message = await self._inbox.get()
             try:
-                await self._handle(message)
+                self._handle(message)
             except Exception as exc:
                 if not isinstance(exc, ManagerError):
                     log.exception(
-                        "supervisor failed to handle a message",
-                        extra={"message": type(message).__name__},
+                        "supervisor failed to handle a command",
+                        extra={"command": type(message).__name__},
                     )
                 settle(getattr(message, "reply", None), error=exc)
 
-    async def _handle(self, message: SupervisorMessage) -> None:
+    def _loop_died(self, error: BaseException | None) -> None:
+        reason = f"supervisor loop ended: {type(error).__name__ if error else 'returned'}"
+        self._failure = reason
+        self._board.down(SUPERVISOR, reason)
+        self._refuse_leftovers()
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
+    def _handle(self, message: SupervisorMessage) -> None:
         match message:
             case CreateSession():
-                await self._create_session(message)
+                self._create_session(message)
             case GetSession(session_id=session_id, reply=reply):
-                settle(reply, await self._view(session_id))
+                view = self._views.get(session_id)
+                if view is not None:
+                    settle(reply, view)
+                else:
+                    self._offload(self._stored_view(session_id), reply=reply)
             case ListSessions():
-                views = await self._store.list_sessions(
-                    status=message.status,
-                    user_identity=message.user_identity,
-                    limit=message.limit,
-                    before=message.before,
+                self._offload(
+                    self._store.list_sessions(
+                        status=message.status,
+                        user_identity=message.user_identity,
+                        limit=message.limit,
+                        before=message.before,
+                    ),
+                    reply=message.reply,
                 )
-                settle(message.reply, views)
             case DeleteSession(session_id=session_id, reply=reply):
                 child = self._children.get(session_id)
                 if child is not None:
                     child.actor.tell(Terminate(TERMINATED_BY_REQUEST, reply))
-                else:
-                    settle(reply, await self._view(session_id))  # already ended: idempotent
+                else:  # already ended: idempotent
+                    self._offload(self._stored_view(session_id), reply=reply)
             case AddSessionService(session_id=session_id, requirement=requirement, reply=reply):
-                (await self._running_actor(session_id)).tell(AddService(requirement, reply))
+                self._tell_running(session_id, AddService(requirement, reply), reply)
             case RemoveSessionService(session_id=session_id, service_id=service_id, reply=reply):
-                (await self._running_actor(session_id)).tell(RemoveService(service_id, reply))
+                self._tell_running(session_id, RemoveService(service_id, reply), reply)
             case LiveKitEvent(event=event):
                 self._route(event)
             case ActorExited(session_id=session_id, task=task):
                 self._reap(session_id, task)
-            case ServiceHealthChanged(change=change):
-                self._on_health_changed(change)
-            case IdempotentCreateFinished(key=key, outcome=outcome):
-                await self._finish_idempotent_create(key, outcome)
+            case HealthChecked(results=results):
+                self._on_health_checked(results)
+            case LiveKitLost(reason=reason, rooms_lost=rooms_lost):
+                self._on_livekit_lost(reason, rooms_lost)
+            case LiveKitBack():
+                compare = self._reconcile_rooms(time.monotonic())
+                self._offload(self._deps.gateway.list_rooms(), then=compare)
+            case IoFinished(task=task, then=then):
+                then(task)
             case _:
-                await self._handle_registry(message)
+                self._handle_registry(message)
 
-    async def _handle_registry(self, message: SupervisorMessage) -> None:
+    def _offload(
+        self,
+        coro: Coroutine[Any, Any, T],
+        *,
+        reply: asyncio.Future[T] | None = None,
+        then: Callable[[asyncio.Future[T]], None] | None = None,
+    ) -> None:
+        """Run I/O as a task this supervisor owns: its result answers `reply` directly, and
+        `then` (if any) runs back in the loop once it is done."""
+        task = asyncio.create_task(coro)
+        self._io.add(task)
+
+        def done(finished: asyncio.Task[T]) -> None:
+            self._io.discard(finished)
+            if finished.cancelled():
+                settle(reply, error=ShuttingDown("the session manager is shutting down"))
+                return
+            error = finished.exception()
+            if error is not None and not isinstance(error, ManagerError):
+                log.error("supervisor I/O failed", exc_info=error)
+                error = StoreUnavailable("the store could not be read or written")
+            settle(reply, None if error else finished.result(), error)
+            if then is not None:
+                self.tell(IoFinished(finished, then))
+
+        task.add_done_callback(done)
+
+    # the registry (its one writer) -----------------------------------------------------------
+
+    def _handle_registry(self, message: SupervisorMessage) -> None:
         registry = self._registry
         match message:
             case RegisterService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
-                record = await registry.register(sid, endpoint, meta)
-                self._registry_changed(
-                    "microservice registered", EventType.MICROSERVICE_REGISTERED, record
+                record = registry.register(sid, endpoint, meta)
+                self._persist_registration(
+                    record, reply, lambda: registry.forget(sid), EventType.MICROSERVICE_REGISTERED
                 )
-                settle(reply, record.view())
             case UpdateService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
-                record = await registry.update(
+                record, undo = registry.update(
                     sid, endpoint=endpoint, metadata=meta, draining=message.draining
                 )
-                self._registry_changed(
-                    "microservice updated", EventType.MICROSERVICE_UPDATED, record
-                )
-                settle(reply, record.view())
+                self._persist_registration(record, reply, undo, EventType.MICROSERVICE_UPDATED)
             case DrainService(service_id=sid, reply=reply):
-                record = await registry.set_draining(sid)
-                self._registry_changed(
-                    "microservice draining", EventType.MICROSERVICE_UPDATED, record
-                )
-                settle(reply, record.view())
+                record, undo = registry.update(sid, draining=True)
+                self._persist_registration(record, reply, undo, EventType.MICROSERVICE_UPDATED)
             case DeregisterService(service_id=sid, reply=reply):
-                record = await registry.deregister(sid)
-                self._registry_changed(
-                    "microservice deregistered", EventType.MICROSERVICE_DEREGISTERED, record
-                )
-                settle(reply, record.view())
+                record, undo = registry.deregister(sid)
+                self._persist_registration(record, reply, undo, EventType.MICROSERVICE_DEREGISTERED)
             case GetService(service_id=sid, reply=reply):
                 settle(reply, registry.get(sid).view())
             case ListServices(service_type=service_type, status=status, reply=reply):
                 records = registry.listing(service_type=service_type, status=status)
                 settle(reply, [record.view() for record in records])
 
-    def _registry_changed(self, message: str, event: EventType, record: ServiceRecord) -> None:
-        log.info(message, extra={"service_id": record.service_id})
-        self._events.append(event, service_id=record.service_id, data=record.view())
+    def _persist_registration(
+        self,
+        record: ServiceRecord,
+        reply: asyncio.Future[JsonDict],
+        undo: Callable[[], None],
+        event: EventType,
+    ) -> None:
+        """Write the change made in memory; answer once durable, or undo it and say why.
+        Writes for one service id run one after another, so the last change is the one kept."""
+        service_id = record.service_id
+        previous = self._registry_writes.get(service_id)
 
-    def _on_health_changed(self, change: HealthChange) -> None:
-        self._events.append(
-            EventType.MICROSERVICE_HEALTH_CHANGED,
-            service_id=change.service_id,
-            data={"old": change.old.value, "new": change.new.value, "error": change.error},
-        )
-        if change.new is not ServiceStatus.UNHEALTHY:
-            return
-        record = self._registry.find(change.service_id)
-        for session_id in sorted(record.sessions) if record else ():
-            child = self._children.get(session_id)
-            if child is not None:
-                child.actor.tell(InstanceLost(change.service_id, f"unhealthy: {change.error}"))
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.wait([previous], timeout=self._startup_timeout)
+            await self._registry.persist(service_id)
+
+        def written(task: asyncio.Future[None]) -> None:
+            if self._registry_writes.get(service_id) is task:
+                del self._registry_writes[service_id]
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is not None:
+                undo()
+                settle(reply, error=_as_store_error(error))
+                return
+            log.info(event.value, extra={"service_id": service_id})
+            self._events.append(event, service_id=service_id, data=record.view())
+            settle(reply, record.view())
+
+        task = asyncio.create_task(write())
+        self._registry_writes[service_id] = task
+        self._io.add(task)
+        task.add_done_callback(self._io.discard)
+        task.add_done_callback(lambda finished: self.tell(IoFinished(finished, written)))
+
+    def _on_health_checked(self, results: HealthResults) -> None:
+        for service_id, error in results:
+            change = self._registry.record_health(service_id, error)
+            if change is None:
+                continue
+            level = logging.WARNING if change.new is ServiceStatus.UNHEALTHY else logging.INFO
+            log.log(
+                level,
+                "microservice health changed",
+                extra={
+                    "service_id": service_id,
+                    "old": change.old.value,
+                    "new": change.new.value,
+                    "error": change.error,
+                },
+            )
+            self._events.append(
+                EventType.MICROSERVICE_HEALTH_CHANGED,
+                service_id=change.service_id,
+                data={"old": change.old.value, "new": change.new.value, "error": change.error},
+            )
+            if change.new is not ServiceStatus.UNHEALTHY:
+                continue
+            # Sessions lose an instance that turned Unhealthy at once, instead of waiting the
+            # ~20 s LiveKit takes to notice it is gone.
+            record = self._registry.find(service_id)
+            for session_id in sorted(record.sessions) if record else ():
+                child = self._children.get(session_id)
+                if child is not None:
+                    child.actor.tell(InstanceLost(service_id, f"unhealthy: {change.error}"))
+
+    # LiveKit ---------------------------------------------------------------------------------
+
+    def _on_livekit_lost(self, reason: str, rooms_lost: bool) -> None:
+        if not rooms_lost:
+            return  # maybe a blip: the rooms are compared when LiveKit answers again
+        for child in list(self._children.values()):
+            child.actor.tell(Terminate(f"LiveKit room lost: {reason}"))
+
+    def _reconcile_rooms(self, asked_at: float) -> Callable[[asyncio.Future[list[str]]], None]:
+        """After an outage: a session whose room LiveKit no longer has is over. Sessions
+        spawned after the listing was asked for are not judged by it."""
+
+        def compare(task: asyncio.Future[list[str]]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                log.warning("LiveKit rooms could not be listed after an outage")
+                return
+            rooms = set(task.result())
+            for child in list(self._children.values()):
+                record = child.actor.record
+                if (
+                    child.started < asked_at
+                    and record.status is not SessionStatus.CREATING
+                    and record.room_name not in rooms
+                ):
+                    child.actor.tell(Terminate("LiveKit room lost while LiveKit was unavailable"))
+
+        return compare
 
     # sessions --------------------------------------------------------------------------------
 
-    async def _view(self, session_id: str) -> JsonDict:
-        view = self._views.get(session_id) or await self._store.get_session(session_id)
+    async def _stored_view(self, session_id: str) -> JsonDict:
+        view = await self._store.get_session(session_id)
         if view is None:
             raise NotFound(f"Session {session_id} not found")
         return view
 
-    async def _running_actor(self, session_id: str) -> SessionActor:
+    def _tell_running(self, session_id: str, message: Any, reply: asyncio.Future[Any]) -> None:
         child = self._children.get(session_id)
-        if child is None:
-            await self._view(session_id)  # NotFound when it never existed
-            raise Conflict(f"Session {session_id} has ended")
-        return child.actor
+        if child is not None:
+            child.actor.tell(message)
+            return
 
-    async def _create_session(self, message: CreateSession) -> None:
-        if not self._accepting:
-            raise ShuttingDown("the session manager is shutting down")
+        async def not_running() -> Any:
+            await self._stored_view(session_id)  # NotFound when it never existed
+            raise Conflict(f"Session {session_id} has ended")
+
+        self._offload(not_running(), reply=reply)
+
+    def _create_session(self, message: CreateSession) -> None:
+        self._check_can_create()
         key = message.idempotency_key
         if key is None:
             self._spawn_session(message.spec, message.reply)
@@ -345,49 +517,98 @@ class Supervisor:
         pending = self._pending_creates.get(key)
         if pending is not None:
             self._check_same_body(key, pending.body_hash, message.body_hash)
-            pending.waiters.append(message.reply)
+            if pending.outcome is not None:
+                _answer_from(pending.outcome, message.reply)
+            else:
+                pending.waiters.append(message.reply)
             return
-        stored = await self._store.get_idempotency(key)
-        if stored is not None and time.time() - stored["created_at"] < self._idempotency_ttl:
-            self._check_same_body(key, stored["body_hash"], message.body_hash)
-            settle(message.reply, SessionCreated(**stored["response"]))
-            return
+        pending = _PendingCreate(message.body_hash, message.spec, [message.reply])
+        self._pending_creates[key] = pending
+        self._offload(self._store.get_idempotency(key), then=self._idempotency_looked_up(key))
+
+    def _check_can_create(self) -> None:
+        if not self._accepting:
+            raise ShuttingDown("the session manager is shutting down")
+        livekit = self._board.problem(LIVEKIT)
+        if livekit is not None:
+            raise LiveKitUnavailable(f"LiveKit is unavailable: {livekit.reason}")
+        store = self._board.problem(STORE)
+        if store is not None:
+            raise StoreUnavailable(f"sessions cannot be stored now: {store.reason}")
+
+    def _idempotency_looked_up(self, key: str) -> Callable[[asyncio.Future[JsonDict | None]], None]:
+        def decide(task: asyncio.Future[JsonDict | None]) -> None:
+            pending = self._pending_creates[key]
+            error = None if task.cancelled() else task.exception()
+            stored = None if task.cancelled() or error else task.result()
+            if task.cancelled() or error is not None:
+                del self._pending_creates[key]
+                for waiter in pending.waiters:
+                    settle(waiter, error=_as_store_error(error))
+            elif stored is not None and time.time() - stored["created_at"] < self._idempotency_ttl:
+                del self._pending_creates[key]
+                created = SessionCreated(**stored["response"])
+                for waiter in pending.waiters:
+                    if stored["body_hash"] == pending.body_hash:
+                        settle(waiter, created)
+                    else:
+                        settle(waiter, error=_different_body(key))
+            else:
+                self._spawn_idempotent(key, pending)
+
+        return decide
+
+    def _spawn_idempotent(self, key: str, pending: _PendingCreate) -> None:
         outcome: asyncio.Future[SessionCreated] = asyncio.get_running_loop().create_future()
-        self._spawn_session(message.spec, outcome)
-        self._pending_creates[key] = _PendingCreate(message.body_hash, [message.reply])
-        outcome.add_done_callback(lambda done: self.tell(IdempotentCreateFinished(key, done)))
+        try:
+            self._check_can_create()
+            self._spawn_session(pending.spec, outcome)
+        except ManagerError as exc:
+            del self._pending_creates[key]
+            for waiter in pending.waiters:
+                settle(waiter, error=exc)
+            return
+        finish = self._idempotent_create_finished(key)
+        outcome.add_done_callback(lambda done: self.tell(IoFinished(done, finish)))
+
+    def _idempotent_create_finished(
+        self, key: str
+    ) -> Callable[[asyncio.Future[SessionCreated]], None]:
+        def finish(outcome: asyncio.Future[SessionCreated]) -> None:
+            pending = self._pending_creates[key]
+            pending.outcome = outcome
+            for waiter in pending.waiters:
+                _answer_from(outcome, waiter)
+            pending.waiters.clear()
+            if outcome.exception() is not None:
+                del self._pending_creates[key]  # a failed create may be tried again
+                return
+            # Retries keep getting this answer from memory until it is stored.
+            entry = {
+                "body_hash": pending.body_hash,
+                "created_at": time.time(),
+                "response": outcome.result().__dict__,  # includes the token: same answer
+            }
+            self._offload(
+                self._store.save_idempotency(key, entry), then=lambda _: self._forget_pending(key)
+            )
+
+        return finish
+
+    def _forget_pending(self, key: str) -> None:
+        self._pending_creates.pop(key, None)
 
     @staticmethod
     def _check_same_body(key: str, known: str, given: str) -> None:
         if known != given:
-            raise Conflict(f"Idempotency-Key {key} was used with a different request body")
-
-    async def _finish_idempotent_create(
-        self, key: str, outcome: asyncio.Future[SessionCreated]
-    ) -> None:
-        pending = self._pending_creates.pop(key)
-        error = outcome.exception()
-        if error is None:
-            created = outcome.result()
-            # The answer includes the client's token so that a retry gets the same answer.
-            entry = {
-                "body_hash": pending.body_hash,
-                "created_at": time.time(),
-                "response": created.__dict__,
-            }
-            try:
-                await self._store.save_idempotency(key, entry)
-            except Exception:
-                log.exception("idempotency key could not be stored", extra={"key": key})
-        for waiter in pending.waiters:
-            settle(waiter, None if error else outcome.result(), error)
+            raise _different_body(key)
 
     def _spawn_session(self, spec: NewSession, reply: asyncio.Future[SessionCreated]) -> None:
         session_id = str(uuid.uuid4())
         room_name = spec.room_name or f"room-{session_id}"
         if room_name in self._rooms:
             raise InvalidRequest(f"Room name {room_name} is in use by another session")
-        chosen = self._choose_services(spec.required_services)
+        chosen = self._choose_services(spec.required_services, spec.user_identity)
         for record in chosen.values():
             self._registry.acquire(record.service_id, session_id)
         session = SessionRecord(
@@ -415,11 +636,22 @@ class Supervisor:
         )
         actor.tell(Start(spec.options, reply))
 
-    def _choose_services(self, required: list[str] | None) -> dict[str, ServiceRecord]:
+    def _choose_services(
+        self, required: list[str] | None, user_identity: str
+    ) -> dict[str, ServiceRecord]:
         """Pick an instance for each requirement, or refuse the whole session (nothing is
-        reserved unless everything can be)."""
+        reserved unless everything can be). An instance whose id is the user's identity is
+        never chosen: in LiveKit one identity joining kicks the other out of the room."""
         if required is None:
-            return {record.service_id: record for record in self._registry.defaults()}
+            return {
+                record.service_id: record
+                for record in self._registry.defaults()
+                if record.service_id != user_identity
+            }
+        if user_identity in required:
+            raise InvalidRequest(
+                f"user_identity: {user_identity} is also a required service's identity"
+            )
         unknown = [
             r for r in required if not r.startswith("type:") and self._registry.find(r) is None
         ]
@@ -427,7 +659,7 @@ class Supervisor:
             raise InvalidRequest(f"Required services not registered: {', '.join(unknown)}")
         chosen: dict[str, ServiceRecord] = {}
         for requirement in dict.fromkeys(required):
-            taken = {record.service_id for record in chosen.values()}
+            taken = {record.service_id for record in chosen.values()} | {user_identity}
             record = self._registry.choose(requirement, exclude=taken)
             if record.service_id in taken:
                 raise InvalidRequest(f"{record.service_id} is required twice")
@@ -440,6 +672,13 @@ class Supervisor:
         self._store.save_session(view)
 
     def _route(self, event: RoomEvent) -> None:
+        if event.event_id:
+            if event.event_id in self._seen_webhooks:
+                log.debug("webhook delivered twice; acted on once", extra={"kind": event.kind})
+                return
+            self._seen_webhooks[event.event_id] = None
+            if len(self._seen_webhooks) > SEEN_WEBHOOKS:
+                self._seen_webhooks.popitem(last=False)
         session_id = self._rooms.get(event.room_name)
         child = self._children.get(session_id) if session_id else None
         if child is None:
@@ -465,10 +704,34 @@ class Supervisor:
                 exc_info=task.exception(),
             )
 
+    def _refuse(self, message: SupervisorMessage) -> None:
+        if self._failure is not None:
+            error: ManagerError = Unhealthy(f"the session manager cannot serve: {self._failure}")
+        else:
+            error = ShuttingDown("the session manager is shutting down")
+        settle(getattr(message, "reply", None), error=error)
+
     def _refuse_leftovers(self) -> None:
         while not self._inbox.empty():
-            message = self._inbox.get_nowait()
-            settle(
-                getattr(message, "reply", None),
-                error=ShuttingDown("the session manager is shutting down"),
-            )
+            self._refuse(self._inbox.get_nowait())
+        for pending in self._pending_creates.values():
+            for waiter in pending.waiters:
+                settle(waiter, error=ShuttingDown("the session manager is shutting down"))
+        self._pending_creates.clear()
+
+
+def _answer_from(
+    outcome: asyncio.Future[SessionCreated], waiter: asyncio.Future[SessionCreated]
+) -> None:
+    error = outcome.exception()
+    settle(waiter, None if error else outcome.result(), error)
+
+
+def _different_body(key: str) -> Conflict:
+    return Conflict(f"Idempotency-Key {key} was used with a different request body")
+
+
+def _as_store_error(error: BaseException | None) -> ManagerError:
+    if isinstance(error, ManagerError):
+        return error
+    return StoreUnavailable("the store could not be read or written")

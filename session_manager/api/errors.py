@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from session_manager.clock import now_rfc3339
 from session_manager.errors import ManagerError
@@ -23,8 +24,16 @@ _HTTP_CODES = {
     405: "MethodNotAllowed",
     408: "Timeout",
     413: "PayloadTooLarge",
+    414: "URITooLong",
     415: "UnsupportedMediaType",
+    431: "RequestHeaderFieldsTooLarge",
 }
+
+# Error types whose message is the text of a Python exception raised in a validator (ours raise
+# PydanticCustomError instead): shown as a fixed sentence, never as the exception's text.
+_PYTHON_TEXT_ERRORS = frozenset({"value_error", "assertion_error"})
+_SHOWN_ERRORS = 5
+_SHOWN_LOC_PART = 64  # a location may hold a client's key of any length
 
 
 def envelope(
@@ -40,14 +49,24 @@ def envelope(
     )
 
 
+def _location(error: ErrorDetails) -> str:
+    parts = (str(part) for part in error["loc"])
+    return ".".join(p if len(p) <= _SHOWN_LOC_PART else p[:_SHOWN_LOC_PART] + "…" for p in parts)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    errors = exc.errors(include_url=False)
+    """`field: what is wrong` for the first few errors; pydantic's sentences and ours, never a
+    Python exception's text."""
+    errors = exc.errors(include_url=False, include_input=False)
     if errors and errors[0]["type"] == "json_invalid":
+        if "recursion limit" in str(errors[0].get("ctx", {}).get("error", "")):
+            return "Request body is not valid JSON: nested too deeply"
         return "Request body is not valid JSON"
     parts = []
-    for error in errors[:5]:
-        where = ".".join(str(part) for part in error["loc"])
-        parts.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
+    for error in errors[:_SHOWN_ERRORS]:
+        where = _location(error)
+        what = "is not a valid value" if error["type"] in _PYTHON_TEXT_ERRORS else error["msg"]
+        parts.append(f"{where}: {what}" if where else what)
     return "; ".join(parts)
 
 
@@ -75,6 +94,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return envelope(exc.status, exc.code, exc.message)
     except ValidationError as exc:
         return envelope(400, "InvalidRequest", describe_validation_error(exc))
+    except web.RequestPayloadError:
+        # The body broke the HTTP framing (bad chunked encoding, cut short, bad compression).
+        return envelope(400, "InvalidRequest", "Request body could not be read: malformed framing")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

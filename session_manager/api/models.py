@@ -1,16 +1,64 @@
-"""Request and response bodies of the HTTP API: validated here, at the edge, and nowhere else."""
+"""Request and response bodies of the HTTP API: validated here, at the edge, and nowhere else.
+
+Every bound is in `session_manager.api.limits`. The settings-dependent ones (metadata size,
+longest duration_limit) come from the validation context: routes validate with
+`Model.model_validate_json(raw, context=InputLimits.from_settings(settings).context())`.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+
+from session_manager.api.limits import (
+    MAX_IDENTITY_BYTES,
+    MAX_REQUIRED_SERVICES,
+    MAX_ROOM_NAME_BYTES,
+    MAX_SERVICE_ID_BYTES,
+    MAX_TIMEOUT_SECS,
+    MAX_USER_NAME_BYTES,
+    MIN_TIMEOUT_SECS,
+    check_duration_limit,
+    check_endpoint,
+    check_identifier,
+    check_json_object,
+    check_max_sessions,
+    check_text,
+    limits_of,
+)
 
 # Identities and names end up in LiveKit tokens and in URLs: no whitespace, slashes or '?#'.
-ServiceId = Annotated[str, StringConstraints(pattern=r"^[^\s/?#]{1,128}$")]
-RoomName = Annotated[str, StringConstraints(pattern=r"^[^\s/?#]{1,128}$")]
-NonBlank = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"\S")]
+ServiceId = Annotated[
+    str, AfterValidator(partial(check_identifier, max_bytes=MAX_SERVICE_ID_BYTES))
+]
+RoomName = Annotated[str, AfterValidator(partial(check_identifier, max_bytes=MAX_ROOM_NAME_BYTES))]
+UserIdentity = Annotated[
+    str, AfterValidator(partial(check_text, max_bytes=MAX_IDENTITY_BYTES, blank=False))
+]
+UserName = Annotated[
+    str, AfterValidator(partial(check_text, max_bytes=MAX_USER_NAME_BYTES, blank=True))
+]
+Endpoint = Annotated[str, AfterValidator(check_endpoint)]
+
+
+def _session_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    limits = limits_of(info)
+    check_json_object(metadata, limits.max_metadata_bytes)
+    # The spec sends it as a string ("3600"); a number is accepted too.
+    check_duration_limit(metadata.get("duration_limit"), limits.max_session_duration)
+    return metadata
+
+
+def _service_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    check_json_object(metadata, limits_of(info).max_metadata_bytes)
+    check_max_sessions(metadata.get("max_sessions"))
+    return metadata
+
+
+SessionMetadata = Annotated[dict[str, Any], AfterValidator(_session_metadata)]
+ServiceMetadata = Annotated[dict[str, Any], AfterValidator(_service_metadata)]
 
 
 class _Request(BaseModel):
@@ -19,22 +67,10 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-def absolute_http_url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an absolute http:// or https:// URL")
-    return value.rstrip("/")
-
-
 class RegisterServiceRequest(_Request):
     service_id: ServiceId
-    endpoint: str
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("endpoint")
-    @classmethod
-    def _absolute_http_url(cls, value: str) -> str:
-        return absolute_http_url(value)
+    endpoint: Endpoint
+    metadata: ServiceMetadata = Field(default_factory=dict)
 
 
 class RegisterServiceResponse(BaseModel):
@@ -44,28 +80,18 @@ class RegisterServiceResponse(BaseModel):
 
 
 class CreateSessionRequest(_Request):
-    user_identity: NonBlank
-    user_name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    user_identity: UserIdentity
+    user_name: UserName | None = None
     room_name: RoomName | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    required_services: list[ServiceId] | None = None
+    metadata: SessionMetadata = Field(default_factory=dict)
+    required_services: (
+        Annotated[list[ServiceId], Field(max_length=MAX_REQUIRED_SERVICES)] | None
+    ) = None
     wait_until_ready: bool = False
-    timeout_secs: Annotated[float, Field(gt=0, le=3600)] | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _duration_limit(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        # The spec sends it as a string ("3600"); a number is accepted too.
-        value = metadata.get("duration_limit")
-        if value is None:
-            return metadata
-        try:
-            seconds = float(value) if not isinstance(value, bool) else float("nan")
-        except (TypeError, ValueError):
-            seconds = float("nan")
-        if not seconds > 0:
-            raise ValueError("duration_limit must be a positive number of seconds")
-        return metadata
+    timeout_secs: (
+        Annotated[float, Field(ge=MIN_TIMEOUT_SECS, le=MAX_TIMEOUT_SECS, allow_inf_nan=False)]
+        | None
+    ) = None
 
 
 class CreateSessionResponse(BaseModel):
@@ -83,14 +109,9 @@ class HealthResponse(BaseModel):
 
 
 class UpdateServiceRequest(_Request):
-    endpoint: str | None = None
-    metadata: dict[str, Any] | None = None
+    endpoint: Endpoint | None = None
+    metadata: ServiceMetadata | None = None
     draining: bool | None = None  # false takes a drained instance back into service
-
-    @field_validator("endpoint")
-    @classmethod
-    def _absolute_http_url(cls, value: str | None) -> str | None:
-        return None if value is None else absolute_http_url(value)
 
 
 class AddServiceRequest(_Request):

@@ -7,12 +7,19 @@ import base64
 import hashlib
 import logging
 from collections.abc import Mapping
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
 from session_manager import __version__
+from session_manager.api.limits import (
+    MAX_IDEMPOTENCY_KEY,
+    MAX_SESSIONS_PAGE,
+    InputLimits,
+    idempotency_key_ok,
+)
 from session_manager.api.metrics import render as render_metrics
 from session_manager.api.models import (
     AddServiceRequest,
@@ -50,7 +57,7 @@ from session_manager.session.states import SessionStatus
 from session_manager.supervisor import Supervisor
 
 DEFAULT_PAGE = 50
-MAX_PAGE = 500
+MAX_PAGE = MAX_SESSIONS_PAGE
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +113,32 @@ async def _body(request: web.Request) -> bytes:
     return raw
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def _validated(request: web.Request, model: type[Body]) -> Body:
+    # The settings-dependent bounds (metadata size, longest duration_limit) reach the
+    # validators as the validation context.
+    limits = InputLimits.from_settings(request.app[DAEMON].settings)
+    return model.model_validate_json(await _body(request), context=limits.context())
+
+
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    return json_response(HealthResponse(timestamp=now_rfc3339(), version=__version__))
+    """200 and the spec's body while the manager can serve; otherwise 503, `status:
+    "unhealthy"` and which core part is down, why and since when (see the README: readiness
+    and liveness)."""
+    problems = request.app[DAEMON].health_problems()
+    timestamp = now_rfc3339()
+    if not problems:
+        return json_response(HealthResponse(timestamp=timestamp, version=__version__))
+    body: dict[str, object] = {
+        "status": "unhealthy",
+        "timestamp": timestamp,
+        "version": __version__,
+        "problems": [problem.view() for problem in problems],
+    }
+    return json_response(body, status=503)
 
 
 @routes.get("/metrics")
@@ -123,7 +153,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/microservices/register")
 async def register_microservice(request: web.Request) -> web.Response:
-    body = RegisterServiceRequest.model_validate_json(await _body(request))
+    body = await _validated(request, RegisterServiceRequest)
     await _supervisor(request).ask(
         lambda reply: RegisterService(body.service_id, body.endpoint, body.metadata, reply)
     )
@@ -131,18 +161,19 @@ async def register_microservice(request: web.Request) -> web.Response:
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-MAX_IDEMPOTENCY_KEY = 255
 
 
 @routes.post("/api/v1/create-session")
 @routes.post("/api/v1/sessions")  # the REST spelling of the same thing
 async def create_session(request: web.Request) -> web.Response:
-    body = CreateSessionRequest.model_validate_json(await _body(request))
+    body = await _validated(request, CreateSessionRequest)
     if body.timeout_secs is not None and not body.wait_until_ready:
         raise InvalidRequest("timeout_secs: only meaningful with wait_until_ready: true")
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-        raise InvalidRequest(f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    if key is not None and not idempotency_key_ok(key):
+        raise InvalidRequest(
+            f"{IDEMPOTENCY_HEADER}: must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )
     spec = NewSession(
         user_identity=body.user_identity,
         user_name=body.user_name,
@@ -210,7 +241,7 @@ async def delete_session(request: web.Request) -> web.Response:
 @routes.post("/api/v1/sessions/{session_id}/services")
 async def add_session_service(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
-    body = AddServiceRequest.model_validate_json(await _body(request))
+    body = await _validated(request, AddServiceRequest)
     view: JsonDict = await _supervisor(request).ask(
         lambda reply: AddSessionService(session_id, body.service, reply)
     )
@@ -245,7 +276,7 @@ async def get_microservice(request: web.Request) -> web.Response:
 @routes.put("/api/v1/microservices/{service_id}")
 async def update_microservice(request: web.Request) -> web.Response:
     service_id = request.match_info["service_id"]
-    body = UpdateServiceRequest.model_validate_json(await _body(request))
+    body = await _validated(request, UpdateServiceRequest)
     view: JsonDict = await _supervisor(request).ask(
         lambda reply: UpdateService(service_id, body.endpoint, body.metadata, body.draining, reply)
     )

@@ -6,7 +6,8 @@ package that knows aiohttp's server.
     The answer is an SSE stream when the request's Accept header names `text/event-stream` and
     it has neither `since` nor `limit`; otherwise it is one JSON page:
     `{"events": [...], "next": <id to pass as since>, "gap": bool, "missed"?: {...}}`, with the
-    events after `since` (default 0: the oldest kept), at most `limit` (default 100).
+    events after `since` (default 0: the oldest kept; at most 2^63-1), at most `limit` (default
+    100, 1 to 1000).
     A stream starts after `Last-Event-ID` (header, else the `last_event_id` parameter); without
     one it carries only new events.
 
@@ -44,6 +45,7 @@ SESSION_EVENTS_PATH = "/api/v1/sessions/{session_id}/events"
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_POLL_LIMIT = 100
 MAX_POLL_LIMIT = 1000
+MAX_EVENT_ID = 2**63 - 1  # ids are 64-bit counters: anything larger is a client's mistake
 WRITE_BATCH = 256
 
 KEEPALIVE_FRAME = b": keep-alive\n\n"
@@ -68,11 +70,16 @@ def sse_frame(event: Event) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.encode(), event.to_json())
 
 
-def _integer(name: str, value: str) -> int:
+def _integer(name: str, value: str, *, low: int = 0, high: int = MAX_EVENT_ID) -> int:
+    # The value is not echoed: it may be kilobytes of anything.
+    problem = f"{name}: must be a whole number from {low} to {high}"
     try:
-        return int(value)
-    except ValueError:
-        raise InvalidRequest(f"{name}: must be an integer, got {value!r}") from None
+        number = int(value)
+    except ValueError:  # also a number of more than 4300 digits
+        raise InvalidRequest(problem) from None
+    if not low <= number <= high:
+        raise InvalidRequest(problem)
+    return number
 
 
 def _types(request: web.Request) -> frozenset[str] | None:
@@ -214,9 +221,9 @@ class EventRoutes:
         types: frozenset[str] | None,
     ) -> web.Response:
         since = _integer("since", request.query.get("since", "0"))
-        limit = _integer("limit", request.query.get("limit", str(DEFAULT_POLL_LIMIT)))
-        if not 1 <= limit <= MAX_POLL_LIMIT:
-            raise InvalidRequest(f"limit: must be between 1 and {MAX_POLL_LIMIT}")
+        limit = _integer(
+            "limit", request.query.get("limit", str(DEFAULT_POLL_LIMIT)), low=1, high=MAX_POLL_LIMIT
+        )
         page = event_log.read(since, session_id=session_id, types=types, limit=limit)
         missed = None if page.missed is None else orjson.dumps(page.missed.to_data())
         body = _page_body(page.events, page.next_id, missed)

@@ -64,6 +64,7 @@ class LiveKitGateway:
         self._http: aiohttp.ClientSession | None = None
         self._api: api.LiveKitAPI | None = None
         self._api_renew_at = 0.0
+        self._admin: api.room_service.RoomService | None = None
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(
@@ -87,6 +88,7 @@ class LiveKitGateway:
 
     async def aclose(self) -> None:
         self._api = None  # it borrows our HTTP session: nothing of its own to close
+        self._admin = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -94,6 +96,46 @@ class LiveKitGateway:
     @property
     def _rooms(self) -> api.room_service.RoomService:
         return self._client().room
+
+    def _room_admin(self) -> api.room_service.RoomService:
+        """Room-admin calls (RemoveParticipant) need a token naming the room, which our shared
+        server token cannot: this client signs one per call. They are rare."""
+        if self._http is None:
+            raise RuntimeError("LiveKitGateway used before start()")
+        if self._admin is None:
+            self._admin = api.room_service.RoomService(
+                self._http,
+                self.endpoint.api_url,
+                self.endpoint.api_key,
+                self.endpoint.api_secret,
+                failover=False,
+            )
+        return self._admin
+
+    async def probe(self) -> None:
+        """Return if LiveKit answers `GET /` with 200 "OK" within the timeout (livekit-server
+        does once it is up; it needs no token); raise LiveKitUnavailable otherwise."""
+        if self._http is None:
+            raise RuntimeError("LiveKitGateway used before start()")
+        url = self.endpoint.api_url.rstrip("/") + "/"
+        try:
+            async with asyncio.timeout(self._timeout), self._http.get(url) as response:
+                body = await response.text(errors="replace")
+        except TimeoutError as exc:
+            raise LiveKitUnavailable(
+                f"LiveKit at {url} unreachable: no answer within {self._timeout}s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise LiveKitUnavailable(f"LiveKit at {url} unreachable: {exc}") from exc
+        if response.status != 200 or body.strip() != "OK":
+            raise LiveKitUnavailable(
+                f"LiveKit at {url} unreachable: GET / answered {response.status}"
+            )
+
+    async def list_rooms(self) -> list[str]:
+        """The names of every room LiveKit has now."""
+        response = await self._call("ListRooms", self._rooms.list_rooms(api.ListRoomsRequest()))
+        return [room.name for room in response.rooms]
 
     async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
         request = api.CreateRoomRequest(name=name, metadata=metadata, empty_timeout=empty_timeout)
@@ -105,6 +147,15 @@ class LiveKitGateway:
             await self._call(
                 "DeleteRoom", self._rooms.delete_room(api.DeleteRoomRequest(room=name))
             )
+        except LiveKitRefused as exc:
+            if exc.livekit_code != api.ServerErrorCode.NOT_FOUND:
+                raise
+
+    async def remove_participant(self, room: str, identity: str) -> None:
+        """Disconnect one participant; one (or a room) that is already gone counts as removed."""
+        request = api.RoomParticipantIdentity(room=room, identity=identity)
+        try:
+            await self._call("RemoveParticipant", self._room_admin().remove_participant(request))
         except LiveKitRefused as exc:
             if exc.livekit_code != api.ServerErrorCode.NOT_FOUND:
                 raise

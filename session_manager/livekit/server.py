@@ -2,6 +2,8 @@
 
 It gets a generated config file (its own API key and a random secret, our webhook URL, loopback
 binding), is polled until it answers `GET /` with OK, and is stopped with SIGTERM, then SIGKILL.
+If it dies on its own it is started again from the same file (same ports and key pair: tokens
+already handed out stay valid), after a backoff, until it is asked to stop.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
+from session_manager.errors import StartupFailed
 from session_manager.logs import TRACE
+from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_BINARY = PROJECT_ROOT / ".cache" / "bin" / "livekit-server"
 MANAGED_API_KEY = "session-manager"
 GRACEFUL_STOP = 2.0  # seconds LiveKit may drain after the first SIGTERM
+FIRST_RESTART_DELAY = 0.5  # seconds before the first restart; doubled after each quick death
+STABLE_AFTER = 60.0  # seconds a run must last for the backoff to start over
+RELAY_FLUSH = 1.0  # seconds the output relay of an exited child may take to log its last lines
 
 
 _PR_SET_PDEATHSIG = 1
@@ -44,7 +53,7 @@ def die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class LiveKitServerError(Exception):
+class LiveKitServerError(StartupFailed):
     """The managed livekit-server could not be found or started."""
 
 
@@ -124,53 +133,114 @@ def new_config(
     )
 
 
-class ManagedLiveKitServer:
-    """Owns one livekit-server child process and the task that relays its output to our log."""
+class RestartBackoff:
+    """How long to wait before starting the child again: `first`, doubled after each death or
+    failed start up to `maximum`; a run that lasted `stable_after` seconds starts over at `first`.
+    """
 
-    def __init__(self, config: ManagedLiveKitConfig) -> None:
+    def __init__(self, *, first: float, maximum: float, stable_after: float) -> None:
+        self._first = min(first, maximum)
+        self._maximum = maximum
+        self._stable_after = stable_after
+        self._next = self._first
+
+    def after_run(self, ran_for: float) -> float:
+        """The wait before the next start after a run of `ran_for` seconds (0: never came up)."""
+        if ran_for >= self._stable_after:
+            self._next = self._first
+        delay = self._next
+        self._next = min(self._next * 2, self._maximum)
+        return delay
+
+
+ExitListener = Callable[[int], None]
+
+
+class ManagedLiveKitServer:
+    """Owns one livekit-server child process, the task that relays its output to our log, and
+    the keeper task that restarts it when it dies unasked. Only `aclose` stops it for good."""
+
+    def __init__(
+        self,
+        config: ManagedLiveKitConfig,
+        *,
+        restart_max_backoff: float = 30.0,
+        restart_first_backoff: float = FIRST_RESTART_DELAY,
+        stable_after: float = STABLE_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self.restarts = 0  # times it was brought back after dying
+        self._backoff = RestartBackoff(
+            first=restart_first_backoff, maximum=restart_max_backoff, stable_after=stable_after
+        )
+        self._clock = clock
         self._process: asyncio.subprocess.Process | None = None
         self._relay: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._config_path: Path | None = None
+        self._start_timeout = 0.0
+        self._up_since = 0.0
+        self._exit_listeners: list[ExitListener] = []
+
+    def add_exit_listener(self, listener: ExitListener) -> None:
+        """Have `listener(returncode)` called, on the event loop, each time the running child
+        exits without being asked to, before it is restarted. It must not block."""
+        self._exit_listeners.append(listener)
 
     async def start(self, *, timeout: float) -> None:
+        self._start_timeout = timeout
         self._workdir = tempfile.TemporaryDirectory(prefix="session-manager-livekit-")
-        config_path = Path(self._workdir.name) / "livekit.yaml"
-        config_path.write_text(self.config.render(), encoding="utf-8")
-        config_path.chmod(0o600)
+        self._config_path = Path(self._workdir.name) / "livekit.yaml"
+        self._config_path.write_text(self.config.render(), encoding="utf-8")
+        self._config_path.chmod(0o600)
         log.info(
             "starting managed livekit-server",
             extra={"binary": self.config.binary, "url": self.config.url},
         )
+        try:
+            await self._launch(timeout)
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("managed livekit-server is up", extra={"url": self.config.url, "pid": self.pid})
+        self._keeper = asyncio.create_task(self._keep_running(), name="livekit-server-keeper")
+        watch(self._keeper, self._keeper_died)
+
+    async def _launch(self, timeout: float) -> None:
+        """Start the child and wait until it answers. On failure the child is left in
+        `_process` for the caller to stop."""
+        assert self._config_path is not None
         self._process = await asyncio.create_subprocess_exec(
             self.config.binary,
             "--config",
-            str(config_path),
+            str(self._config_path),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in our terminal reaches us, and we stop it in order
             preexec_fn=die_with_parent,
         )
-        self._relay = asyncio.create_task(self._relay_output(), name="livekit-server-output")
+        self._relay = asyncio.create_task(
+            self._relay_output(self._process), name="livekit-server-output"
+        )
         try:
-            await asyncio.wait_for(self._wait_until_up(), timeout)
-        except (TimeoutError, LiveKitServerError) as exc:
-            await self.aclose()
-            if isinstance(exc, LiveKitServerError):
-                raise
+            async with asyncio.timeout(timeout):
+                await self._wait_until_up(self._process)
+        except TimeoutError:
             raise LiveKitServerError(
                 f"livekit-server did not answer on {self.config.url} within {timeout}s"
             ) from None
-        log.info("managed livekit-server is up", extra={"url": self.config.url})
+        self._up_since = self._clock()
 
-    async def _wait_until_up(self) -> None:
+    async def _wait_until_up(self, process: asyncio.subprocess.Process) -> None:
         probe = f"http://{self.config.host}:{self.config.port}/"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
             while True:
-                if self._process is not None and self._process.returncode is not None:
+                if process.returncode is not None:
                     raise LiveKitServerError(
-                        f"livekit-server exited with code {self._process.returncode} at start "
+                        f"livekit-server exited with code {process.returncode} at start "
                         f"(is port {self.config.port} already in use?)"
                     )
                 with suppress(aiohttp.ClientError, TimeoutError):
@@ -179,19 +249,83 @@ class ManagedLiveKitServer:
                             return
                 await asyncio.sleep(0.05)
 
-    async def _relay_output(self) -> None:
-        process = self._process
-        assert process is not None and process.stdout is not None
+    async def _keep_running(self) -> None:
+        """Wait for the child to exit; then start it again after a backoff, until one comes
+        up. An exit here is always unasked: `aclose` cancels this task before it stops the
+        child."""
+        while True:
+            process = self._process
+            assert process is not None
+            code = await process.wait()
+            ran_for = self._clock() - self._up_since
+            await self._stop_child(GRACEFUL_STOP)  # it has exited: this only ends the relay
+            # A single node without Redis keeps its rooms in memory: every room is gone with it.
+            log.error(
+                "managed livekit-server exited unexpectedly",
+                extra={"returncode": code, "ran_for": round(ran_for, 3)},
+            )
+            self._tell_exit(code)
+            delay = self._backoff.after_run(ran_for)
+            attempt = 1
+            while not await self._restart(attempt, delay):
+                attempt += 1
+                delay = self._backoff.after_run(0.0)
+            self.restarts += 1
+
+    async def _restart(self, attempt: int, delay: float) -> bool:
+        log.warning(
+            "restarting managed livekit-server",
+            extra={"attempt": attempt, "delay": delay, "url": self.config.url},
+        )
+        await asyncio.sleep(delay)
+        try:
+            await self._launch(self._start_timeout)
+        except (LiveKitServerError, OSError) as exc:
+            log.error(
+                "managed livekit-server restart failed",
+                extra={"attempt": attempt, "error": str(exc)},
+            )
+            await self._stop_child(GRACEFUL_STOP)
+            return False
+        log.warning(
+            "managed livekit-server restarted",
+            extra={"attempt": attempt, "pid": self.pid, "url": self.config.url},
+        )
+        return True
+
+    def _tell_exit(self, code: int) -> None:
+        for listener in list(self._exit_listeners):
+            try:
+                listener(code)
+            except Exception:  # a listener's bug must not stop the restarts
+                log.exception("livekit-server exit listener failed")
+
+    @staticmethod
+    def _keeper_died(error: BaseException | None) -> None:
+        # Logged with its traceback by `watch`; what is lost is said here.
+        log.error("managed livekit-server will not be restarted if it dies now")
+
+    async def _relay_output(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
         async for raw in process.stdout:
             log.log(
                 TRACE,
                 "livekit-server output",
                 extra={"line": raw.decode(errors="replace").rstrip()},
             )
-        # Its output ends when it exits; if we did not stop it, every room is gone with it.
-        code = await process.wait()
-        if self._process is process:
-            log.error("managed livekit-server exited unexpectedly", extra={"returncode": code})
+
+    async def _stop_child(self, timeout: float) -> None:
+        """Stop the current child if it runs, and end its output relay. References are dropped
+        only once done, so a caller cancelled half-way leaves them for `aclose` to finish."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            await self._stop(process, timeout)
+        self._process = None
+        relay = self._relay
+        if relay is not None:
+            await asyncio.wait([relay], timeout=RELAY_FLUSH)  # its last lines, then EOF
+            await cancel_and_wait([relay])
+        self._relay = None
 
     @staticmethod
     async def _stop(process: asyncio.subprocess.Process, timeout: float) -> None:
@@ -214,15 +348,15 @@ class ManagedLiveKitServer:
     def running(self) -> bool:
         return self._process is not None and self._process.returncode is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None and self.running else None
+
     async def aclose(self, timeout: float = 10.0) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            await self._stop(process, timeout)
-        if self._relay is not None:
-            self._relay.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._relay
-            self._relay = None
+        """Stop it for good: the keeper first, so that nothing restarts what is stopped next."""
+        keeper, self._keeper = self._keeper, None
+        await cancel_and_wait([keeper])
+        await self._stop_child(timeout)
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None

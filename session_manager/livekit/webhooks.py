@@ -32,6 +32,7 @@ class RoomEvent:
     event_id: str = ""
     created_at: int = 0
     identity: str | None = None
+    participant_sid: str = ""  # one connection of `identity`: a reconnect gets a new one
     role: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
 
@@ -101,6 +102,7 @@ def _room_event(payload: dict[str, Any]) -> RoomEvent:
         event_id=str(payload.get("id", "")),
         created_at=int(payload.get("createdAt", 0) or 0),
         identity=identity,
+        participant_sid=str(participant.get("sid") or ""),
         role=attributes.get(ROLE_ATTRIBUTE),
         attributes=attributes,
     )

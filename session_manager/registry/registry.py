@@ -1,14 +1,17 @@
 """Registered microservices: where to reach them, whether they are healthy, how loaded they are.
 
-Changed only through Registry's own methods. Registration changes are persisted before they
-return, so an acknowledged change survives a restart; health and load are live facts, rebuilt
-after a restart by the health monitor and by new sessions.
+Changed only through Registry's own methods, and those are called only from the supervisor's
+loop: it is the registry's one writer. The methods that change a registration are synchronous
+(memory only); the supervisor then has `persist` write that service's current state as an owned
+task, answers the caller once it is durable, and undoes the change if it cannot be written.
+Health and load are live facts: after a restart every registration is `Unknown` until its
+first health check (which runs at once), and load is rebuilt by new sessions.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -22,6 +25,7 @@ TYPE_PREFIX = "type:"
 
 
 class ServiceStatus(StrEnum):
+    UNKNOWN = "Unknown"  # restored from the store, not checked yet: never chosen
     HEALTHY = "Healthy"
     UNHEALTHY = "Unhealthy"
 
@@ -107,6 +111,8 @@ class ServiceRecord:
             registered_at=registered,
             updated_at=datetime.fromisoformat(stored.get("updated_at") or stored["registered_at"]),
             draining=bool(stored.get("draining", False)),
+            # Yesterday's endpoint may be dead today: nothing is sent to it until it answers.
+            status=ServiceStatus.UNKNOWN,
         )
 
 
@@ -131,34 +137,30 @@ class Registry:
             for record in map(ServiceRecord.from_stored, await self._store.load_services())
         }
 
-    # registrations (persisted) ---------------------------------------------------------------
+    # registrations (memory; the supervisor persists them) ------------------------------------
 
-    async def register(
-        self, service_id: str, endpoint: str, metadata: dict[str, Any]
-    ) -> ServiceRecord:
+    def register(self, service_id: str, endpoint: str, metadata: dict[str, Any]) -> ServiceRecord:
         if service_id in self._services:
             raise InvalidRequest("Service ID already exists")
         record = ServiceRecord(service_id, endpoint, metadata)
-        # Claim the id before the write so a concurrent duplicate is refused, and give it back
-        # if the write fails, so nothing half-registered stays behind.
         self._services[service_id] = record
-        try:
-            await self._store.save_service(record.stored())
-        except BaseException:
-            self._services.pop(service_id, None)
-            raise
         return record
 
-    async def update(
+    def update(
         self,
         service_id: str,
         *,
         endpoint: str | None = None,
         metadata: dict[str, Any] | None = None,
         draining: bool | None = None,
-    ) -> ServiceRecord:
+    ) -> tuple[ServiceRecord, Callable[[], None]]:
+        """Change a registration; returns it and the way to undo the change."""
         record = self.get(service_id)
         old = (record.endpoint, record.metadata, record.draining, record.updated_at)
+
+        def undo() -> None:
+            record.endpoint, record.metadata, record.draining, record.updated_at = old
+
         if endpoint is not None:
             record.endpoint = endpoint
         if metadata is not None:
@@ -166,21 +168,30 @@ class Registry:
         if draining is not None:
             record.draining = draining
         record.updated_at = utc_now()
-        try:
-            await self._store.save_service(record.stored())
-        except BaseException:
-            record.endpoint, record.metadata, record.draining, record.updated_at = old
-            raise
-        return record
+        return record, undo
 
-    async def set_draining(self, service_id: str) -> ServiceRecord:
-        return await self.update(service_id, draining=True)
-
-    async def deregister(self, service_id: str) -> ServiceRecord:
+    def deregister(self, service_id: str) -> tuple[ServiceRecord, Callable[[], None]]:
         record = self.get(service_id)
-        await self._store.delete_service(service_id)
+        del self._services[service_id]
+
+        def undo() -> None:
+            self._services.setdefault(service_id, record)
+
+        return record, undo
+
+    def forget(self, service_id: str) -> None:
+        """Undo a `register` whose write failed."""
         self._services.pop(service_id, None)
-        return record
+
+    async def persist(self, service_id: str) -> None:
+        """Write what the registry holds now for `service_id`: the record, or its absence.
+        Writing the current state (not the change) keeps later writes right whatever order
+        earlier ones finished in."""
+        record = self._services.get(service_id)
+        if record is None:
+            await self._store.delete_service(service_id)
+        else:
+            await self._store.save_service(record.stored())
 
     # reads -----------------------------------------------------------------------------------
 
@@ -218,17 +229,22 @@ class Registry:
             return None
         record.last_check_at = utc_now()
         old = record.status
+        first = old is ServiceStatus.UNKNOWN  # the first check decides at once
         if error is None:
             record.successes_in_a_row += 1
             record.failures_in_a_row = 0
-            if old is ServiceStatus.UNHEALTHY and record.successes_in_a_row >= self._healthy_after:
+            if first or (
+                old is ServiceStatus.UNHEALTHY and record.successes_in_a_row >= self._healthy_after
+            ):
                 record.status = ServiceStatus.HEALTHY
                 record.last_error = None
         else:
             record.failures_in_a_row += 1
             record.successes_in_a_row = 0
             record.last_error = error
-            if old is ServiceStatus.HEALTHY and record.failures_in_a_row >= self._unhealthy_after:
+            if first or (
+                old is ServiceStatus.HEALTHY and record.failures_in_a_row >= self._unhealthy_after
+            ):
                 record.status = ServiceStatus.UNHEALTHY
         if record.status is old:
             return None

@@ -1,7 +1,8 @@
-"""The session actor: the only code that changes one session.
+"""The session actor owns its loop and is the only code that changes one session.
 
 It takes one message at a time from its inbox (create, LiveKit webhooks, dispatch results,
-deadlines, terminate), changes its record through `_set_status`, and publishes the new view.
+deadlines, terminate) and runs the handler that `states.TABLE` names for (status, message);
+it changes its record through `_set_status`, and publishes the new view.
 It owns its dispatch tasks and its timers: all of them are cancelled, and the tasks awaited,
 before the actor ends. Whatever way it ends (done, crashed, cancelled) the session ends
 Terminated with a reason, and every caller still waiting gets an answer.
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 
 from session_manager.clock import utc_now
-from session_manager.dispatch import DispatchOutcome, JoinRoomRequest, MicroserviceClient
+from session_manager.dispatch import JoinRoomRequest, MicroserviceClient
 from session_manager.errors import (
     Conflict,
     ManagerError,
@@ -28,6 +29,7 @@ from session_manager.errors import (
     NoCapacity,
     NotFound,
     SessionGone,
+    ShuttingDown,
     Timeout,
 )
 from session_manager.events import EventLog, EventType
@@ -60,7 +62,15 @@ from session_manager.session.messages import (
     settle,
 )
 from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
-from session_manager.session.states import ServiceState, SessionStatus, check_transition
+from session_manager.session.states import (
+    TABLE,
+    IllegalTransition,
+    Rule,
+    ServiceState,
+    SessionStatus,
+    check_transition,
+)
+from session_manager.supervision import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +116,9 @@ class SessionActor:
         self._options = CreateOptions()
         self._client_token = ""
         self._token_ttl = timedelta(seconds=deps.client_token_ttl)
-        # requirement -> the instance its join-room call in flight went to
-        self._dispatching: dict[str, str] = {}
+        # requirement -> the instance its join-room call in flight went to, and that call
+        self._dispatching: dict[str, tuple[str, asyncio.Task[None]]] = {}
+        self._rule: Rule | None = None  # the table's rule of the message being handled
         self._closed = False
 
     @property
@@ -147,64 +158,87 @@ class SessionActor:
                 await self._handle(message)
                 self._publish()
         except asyncio.CancelledError:
-            await self._close_after("manager shutting down", SessionGone("session was stopped"))
+            await self._close_after(
+                "manager shutting down", ShuttingDown("the session manager is shutting down")
+            )
             raise
         except Exception as exc:
             log.exception("session actor crashed", extra=self._log_extra())
             reason = f"internal error: {type(exc).__name__}: {exc}"
-            await self._close_after(reason, SessionGone(f"session ended: {reason}"))
+            await self._close_after(reason, ManagerError(f"session ended: {reason}"))
         finally:
             self._closed = True
             await self._stop_children()
             self._refuse_leftovers()
 
     async def _handle(self, message: SessionMessage) -> None:
-        match message:
-            case Start():
-                await self._start(message)
-            case RoomEventArrived(event=event):
-                await self._on_room_event(event)
-            case DispatchFinished(requirement=requirement, service_id=sid, outcome=outcome):
-                await self._on_dispatch_finished(requirement, sid, outcome)
-            case JoinDeadlinePassed():
-                if self.record.status in (S.CREATING, S.WAITING_FOR_SERVICES):
-                    await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
-            case WaitDeadlinePassed():
-                if self._options.wait_until_ready and self._create_reply is not None:
-                    await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
-            case DurationLimitReached():
-                limit = duration_limit(self.record.metadata)
-                await self._terminate(f"duration limit of {limit:g} s reached")
-            case ClientJoinDeadlinePassed():
-                if self.record.client_joined_at is None:
-                    await self._terminate(
-                        f"client did not join within {self._deps.client_join_timeout:g} s"
-                    )
-            case ClientGraceExpired():
-                if not self.record.client_present:
-                    await self._terminate(
-                        "client left and did not return within "
-                        f"{self._deps.client_reconnect_grace:g} s"
-                    )
-            case AddService(requirement=requirement, reply=reply):
-                try:
-                    self._add_service(requirement)
-                except ManagerError as exc:  # the caller's mistake, not the session's
-                    settle(reply, error=exc)
-                else:
-                    settle(reply, self.record.view())
-            case RemoveService(service_id=service_id, reply=reply):
-                try:
-                    self._remove_service(service_id)
-                except ManagerError as exc:
-                    settle(reply, error=exc)
-                else:
-                    settle(reply, self.record.view())
-            case InstanceLost(service_id=service_id, reason=reason):
-                self._on_instance_lost(service_id, reason)
-            case Terminate(reason=reason, reply=reply):
-                await self._terminate(reason)
-                settle(reply, self.record.view())
+        rule = TABLE[type(message).__name__]
+        if self.record.status not in rule.when:
+            self._not_now(message)
+            return
+        self._rule = rule
+        try:
+            await getattr(self, rule.handler)(message)
+        finally:
+            self._rule = None
+
+    def _not_now(self, message: SessionMessage) -> None:
+        """A message its rule does not take in this status: a caller is told why; anything
+        else (a timer that fired as it was cancelled, a late webhook) is logged and dropped."""
+        reply = getattr(message, "reply", None)
+        status = self.record.status.value
+        if reply is not None:
+            settle(reply, error=Conflict(f"Session is {status}; it cannot do that now"))
+        else:
+            log.debug(
+                "message not taken in this status",
+                extra=self._log_extra(kind=type(message).__name__, status=status),
+            )
+
+    # timers and requests ---------------------------------------------------------------------
+
+    async def _on_join_deadline(self, _: JoinDeadlinePassed) -> None:
+        await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
+
+    async def _on_wait_deadline(self, _: WaitDeadlinePassed) -> None:
+        if self._options.wait_until_ready and self._create_reply is not None:
+            await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
+
+    async def _on_duration_limit(self, _: DurationLimitReached) -> None:
+        limit = duration_limit(self.record.metadata)
+        await self._terminate(f"duration limit of {limit:g} s reached")
+
+    async def _on_client_join_deadline(self, _: ClientJoinDeadlinePassed) -> None:
+        if self.record.client_joined_at is None:
+            await self._terminate(
+                f"client did not join within {self._deps.client_join_timeout:g} s"
+            )
+
+    async def _on_client_grace_expired(self, _: ClientGraceExpired) -> None:
+        if not self.record.client_present:
+            await self._terminate(
+                f"client left and did not return within {self._deps.client_reconnect_grace:g} s"
+            )
+
+    async def _on_add_service(self, message: AddService) -> None:
+        try:
+            self._add_service(message.requirement)
+        except ManagerError as exc:  # the caller's mistake, not the session's
+            settle(message.reply, error=exc)
+        else:
+            settle(message.reply, self.record.view())
+
+    async def _on_remove_service(self, message: RemoveService) -> None:
+        try:
+            self._remove_service(message.service_id)
+        except ManagerError as exc:
+            settle(message.reply, error=exc)
+        else:
+            settle(message.reply, self.record.view())
+
+    async def _on_terminate(self, message: Terminate) -> None:
+        await self._terminate(message.reason)
+        settle(message.reply, self.record.view())
 
     # creation ------------------------------------------------------------------------------
 
@@ -253,7 +287,8 @@ class SessionActor:
             self._dispatch(slot)
 
     def _dispatch(self, slot: ServiceSlot) -> None:
-        if self._dispatching.get(slot.requirement) == slot.service_id:
+        in_flight = self._dispatching.get(slot.requirement)
+        if in_flight is not None and in_flight[0] == slot.service_id:
             return  # never two join-room calls for one instance in one session
         record = self.record
         token = self._deps.gateway.mint_token(
@@ -270,7 +305,6 @@ class SessionActor:
             livekit_url=self._deps.gateway.endpoint.public_url,
         )
         slot.dispatched_at = utc_now()
-        self._dispatching[slot.requirement] = slot.service_id
         log.debug("dispatching service", extra=self._log_extra(service_id=slot.service_id))
         self._emit(
             EventType.MICROSERVICE_DISPATCHED,
@@ -279,20 +313,28 @@ class SessionActor:
             endpoint=slot.endpoint,
             redispatches=slot.redispatches,
         )
-        self._spawn(self._join_room(slot.requirement, slot.endpoint, request))
+        task = self._spawn(self._join_room(slot.requirement, slot.endpoint, request))
+        self._dispatching[slot.requirement] = (slot.service_id, task)
+
+    def _stop_dispatch(self, requirement: str) -> None:
+        """The slot's instance was replaced or removed: its join-room call still out is of no
+        use any more (if that instance joins anyway, it is removed from the room)."""
+        in_flight = self._dispatching.pop(requirement, None)
+        if in_flight is not None:
+            in_flight[1].cancel()  # owned by _tasks: awaited when the actor stops
 
     async def _join_room(self, requirement: str, endpoint: str, request: JoinRoomRequest) -> None:
         outcome = await self._deps.microservices.join_room(endpoint, request)
         self.tell(DispatchFinished(requirement, request.service_identity, outcome))
 
-    async def _on_dispatch_finished(
-        self, requirement: str, service_id: str, outcome: DispatchOutcome
-    ) -> None:
+    async def _on_dispatch_finished(self, message: DispatchFinished) -> None:
+        requirement, service_id, outcome = message.requirement, message.service_id, message.outcome
         slot = self.record.services.get(requirement)
         if slot is None or slot.service_id != service_id:
             # The slot was removed, or moved to another instance, while this call was out.
             return
-        if self._dispatching.get(requirement) == service_id:
+        in_flight = self._dispatching.get(requirement)
+        if in_flight is not None and in_flight[0] == service_id:
             del self._dispatching[requirement]
         slot.attempts += outcome.attempts
         slot.answered_at = utc_now()
@@ -323,6 +365,10 @@ class SessionActor:
             if outcome.declined:
                 slot.declined_by.append(slot.service_id)
             await self._replace(slot, outcome.error or "dispatch failed", declined=outcome.declined)
+        self._answer_once_dispatched()
+
+    def _answer_once_dispatched(self) -> None:
+        """A creator who did not ask to wait is answered once every join-room call is over."""
         if not self._dispatching and not self._options.wait_until_ready:
             self._answer_creator()
 
@@ -354,7 +400,7 @@ class SessionActor:
         if declined:
             # A decline is an answer, not a fault: go straight to another instance, no back-off,
             # and do not count it against max_redispatch.
-            chosen = registry.alternative(failed, exclude={*in_use, *slot.declined_by})
+            chosen = registry.alternative(failed, exclude=self._excluded(slot, in_use))
         elif slot.redispatches >= self._deps.max_redispatch:
             chosen = None
             reason = f"{reason} (gave up after {slot.redispatches} redispatches)"
@@ -363,7 +409,7 @@ class SessionActor:
             if not slot.retried_in_place and same is not None and same.accepting:
                 chosen, slot.retried_in_place = same, True
             else:
-                chosen = registry.alternative(failed, exclude={*in_use, *slot.declined_by})
+                chosen = registry.alternative(failed, exclude=self._excluded(slot, in_use))
                 slot.retried_in_place = False
             if chosen is not None:
                 slot.redispatches += 1
@@ -382,6 +428,7 @@ class SessionActor:
     def _fill(self, slot: ServiceSlot, chosen: ServiceRecord) -> None:
         """Put `chosen` in the slot and dispatch it; the session waits for it to join."""
         if chosen.service_id != slot.service_id:
+            self._stop_dispatch(slot.requirement)
             if slot.service_id:  # an empty id: a new slot, nothing to give back
                 self._deps.registry.release(slot.service_id, self.session_id)
             self._deps.registry.acquire(chosen.service_id, self.session_id)
@@ -402,7 +449,9 @@ class SessionActor:
         if requirement in record.services or record.slot_of(requirement) is not None:
             raise Conflict(f"{requirement} is already part of this session")
         in_use = {slot.service_id for slot in record.services.values()}
-        chosen = self._deps.registry.choose(requirement, exclude=in_use)
+        if requirement == record.user_identity:
+            raise Conflict(f"{requirement} is the user's identity in this session")
+        chosen = self._deps.registry.choose(requirement, exclude={*in_use, record.user_identity})
         if chosen.service_id in in_use:
             raise Conflict(f"{chosen.service_id} is already part of this session")
         self._fill(ServiceSlot(requirement, service_id="", endpoint=""), chosen)
@@ -413,9 +462,11 @@ class SessionActor:
         if slot is None:
             raise NotFound(f"{service_id} is not part of session {self.session_id}")
         del record.services[slot.requirement]
+        self._stop_dispatch(slot.requirement)
         self._deps.registry.release(slot.service_id, self.session_id)
         self._spawn(self._leave_room(slot))
         self._advance()
+        self._answer_once_dispatched()
 
     async def _leave_room(self, slot: ServiceSlot) -> None:
         error = await self._deps.microservices.leave_room(
@@ -428,7 +479,8 @@ class SessionActor:
 
     # LiveKit -------------------------------------------------------------------------------
 
-    async def _on_room_event(self, event: RoomEvent) -> None:
+    async def _on_room_event(self, message: RoomEventArrived) -> None:
+        event = message.event
         log.log(
             TRACE, "room event", extra=self._log_extra(kind=event.kind, identity=event.identity)
         )
@@ -440,16 +492,15 @@ class SessionActor:
         joined = event.kind == "participant_joined"
         role = self._role_of(event)
         if role == ROLE_CLIENT:
-            self._on_client(joined)
+            if not self._on_client(event, joined):
+                return
         elif role == ROLE_SERVICE:
             slot = self.record.slot_of(event.identity)
             assert slot is not None  # _role_of checked it
-            await self._on_service(slot, joined)
+            if not await self._on_service(slot, event, joined):
+                return
         else:
-            log.debug(
-                "participant is not part of this session",
-                extra=self._log_extra(identity=event.identity),
-            )
+            self._on_stranger(event, joined)
             return
         log.info(
             "participant joined" if joined else "participant left",
@@ -457,24 +508,38 @@ class SessionActor:
         )
         self._advance()
 
-    def _on_client(self, joined: bool) -> None:
+    @staticmethod
+    def _is_stale_leave(current_sid: str | None, event: RoomEvent) -> bool:
+        """A participant_left for an earlier connection of this identity (it has reconnected
+        since, under a new participant sid): it says nothing about the one in the room now."""
+        return bool(current_sid and event.participant_sid and event.participant_sid != current_sid)
+
+    def _on_client(self, event: RoomEvent, joined: bool) -> bool:
+        """Returns whether the event changed anything."""
         record = self.record
+        if not joined and self._is_stale_leave(record.client_sid, event):
+            log.debug("stale participant_left ignored", extra=self._log_extra(role=ROLE_CLIENT))
+            return False
         self._emit(
             EventType.CLIENT_JOINED if joined else EventType.CLIENT_LEFT,
             identity=record.user_identity,
         )
         record.client_present = joined
         if joined:
+            record.client_sid = event.participant_sid or None
             record.client_joined_at = record.client_joined_at or utc_now()
             self._cancel_timer(ClientJoinDeadlinePassed)
             self._cancel_timer(ClientGraceExpired)
         else:
             record.client_left_at = utc_now()
             self._start_timer(ClientGraceExpired, self._deps.client_reconnect_grace)
+        return True
 
-    async def _on_service(self, slot: ServiceSlot, joined: bool) -> None:
+    async def _on_service(self, slot: ServiceSlot, event: RoomEvent, joined: bool) -> bool:
+        """Returns whether the event changed anything."""
         if joined:
             slot.state, slot.joined_at, slot.error = ServiceState.JOINED, utc_now(), None
+            slot.participant_sid = event.participant_sid or None
             slot.retried_in_place = False
             self._emit(
                 EventType.MICROSERVICE_JOINED,
@@ -482,22 +547,59 @@ class SessionActor:
                 requirement=slot.requirement,
                 join_ms=slot.join_ms,
             )
-            return
+            return True
+        if self._is_stale_leave(slot.participant_sid, event):
+            log.debug(
+                "stale participant_left ignored", extra=self._log_extra(service_id=slot.service_id)
+            )
+            return False
         slot.state, slot.left_at = ServiceState.LEFT, utc_now()
         self._emit(
             EventType.MICROSERVICE_LEFT, service_id=slot.service_id, requirement=slot.requirement
         )
         await self._replace(slot, "left the room")
+        return True
 
-    def _on_instance_lost(self, service_id: str, reason: str) -> None:
+    def _on_stranger(self, event: RoomEvent, joined: bool) -> None:
+        """A participant that fills no slot. One holding a service token of this session is
+        an instance that was replaced or removed and joined anyway: it is removed from the
+        room, so two instances never serve one slot."""
+        if (
+            joined
+            and event.identity is not None
+            and event.role == ROLE_SERVICE
+            and event.attributes.get(SESSION_ATTRIBUTE) == self.session_id
+        ):
+            log.info(
+                "removing a service instance that no longer serves this session",
+                extra=self._log_extra(identity=event.identity),
+            )
+            self._spawn(self._remove_participant(event.identity))
+            return
+        log.debug(
+            "participant is not part of this session",
+            extra=self._log_extra(identity=event.identity),
+        )
+
+    async def _remove_participant(self, identity: str) -> None:
+        try:
+            await self._deps.gateway.remove_participant(self.record.room_name, identity)
+        except ManagerError as exc:
+            log.info(
+                "participant could not be removed",
+                extra=self._log_extra(identity=identity, error=exc.message),
+            )
+
+    async def _on_instance_lost(self, message: InstanceLost) -> None:
         """An instance turned Unhealthy: move its slot to another instance now, rather than
         wait the ~20 s LiveKit takes to declare a vanished participant gone. With no other
         instance to go to, keep it: LiveKit's own verdict will follow."""
+        service_id, reason = message.service_id, message.reason
         slot = self.record.slot_of(service_id)
-        if slot is None or self.record.status not in (S.WAITING_FOR_SERVICES, S.READY, S.ACTIVE):
+        if slot is None:
             return
         in_use = {s.service_id for s in self.record.services.values()}
-        chosen = self._deps.registry.alternative(service_id, exclude={*in_use, *slot.declined_by})
+        chosen = self._deps.registry.alternative(service_id, exclude=self._excluded(slot, in_use))
         if chosen is None or slot.redispatches >= self._deps.max_redispatch:
             return
         log.info(
@@ -508,6 +610,11 @@ class SessionActor:
         slot.redispatches += 1
         slot.retried_in_place = False
         self._fill(slot, chosen)
+
+    def _excluded(self, slot: ServiceSlot, in_use: set[str]) -> set[str]:
+        """Instances a slot must not move to: those in use, those that declined it, and one
+        whose id is the user's identity (in LiveKit, one identity joining kicks the other)."""
+        return {*in_use, *slot.declined_by, self.record.user_identity}
 
     def _role_of(self, event: RoomEvent) -> str | None:
         """Who a participant is, from the attributes we put in the token we minted for it."""
@@ -581,19 +688,11 @@ class SessionActor:
         except Exception:
             log.exception("session teardown failed", extra=self._log_extra())
         if self.record.status is not S.TERMINATED:
-            # Past the state table on purpose: whatever broke, the session must read ended.
-            old = self.record.status
-            self.record.status = S.TERMINATED
+            # Whatever broke, the session must read ended: past the table, on purpose.
             self.record.reason = self.record.reason or reason
-            self.record.terminated_at = utc_now()
             with suppress(Exception):
-                self._emit(
-                    EventType.SESSION_STATUS_CHANGED,
-                    old=old.value,
-                    new=S.TERMINATED.value,
-                    reason=self.record.reason,
-                )
-                self._emit(EventType.SESSION_TERMINATED, reason=self.record.reason)
+                self._set_status(S.TERMINATED, forced=True)
+            self.record.status = S.TERMINATED
         settle(self._create_reply, error=error)
         with suppress(Exception):
             self._publish()
@@ -604,9 +703,14 @@ class SessionActor:
 
     # plumbing ------------------------------------------------------------------------------
 
-    def _set_status(self, new: SessionStatus) -> None:
+    def _set_status(self, new: SessionStatus, *, forced: bool = False) -> None:
+        """The one place a session's status changes: checked against the transitions and the
+        rule being handled (unless `forced`, for an actor that is dying), then announced."""
         old = self.record.status
-        check_transition(old, new)
+        if not forced:
+            check_transition(old, new)
+            if self._rule is not None and new not in self._rule.leads_to:
+                raise IllegalTransition(old, new)
         now = utc_now()
         self.record.status = new
         self.record.updated_at = now
@@ -642,10 +746,11 @@ class SessionActor:
             event, session_id=self.session_id, service_id=service_id, data=data
         )
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _start_timer(self, message_type: type, delay: float) -> None:
         self._cancel_timer(message_type)
@@ -665,12 +770,8 @@ class SessionActor:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
         self._dispatching.clear()
+        await cancel_and_wait(list(self._tasks), self._deps.teardown_timeout)
 
     def _log_extra(self, **values: Any) -> dict[str, Any]:
         return {"session_id": self.session_id, **values}

@@ -38,6 +38,7 @@ class ServiceSlot:
     redispatches: int = 0
     declined_by: list[str] = field(default_factory=list)
     retried_in_place: bool = False  # after a failure, the same instance gets one more chance
+    participant_sid: str | None = None  # LiveKit's sid of the connection in the room now
     dispatched_at: datetime | None = None
     answered_at: datetime | None = None
     joined_at: datetime | None = None
@@ -47,6 +48,7 @@ class ServiceSlot:
         """Fill the slot with another instance; its timings start again."""
         self.service_id, self.endpoint, self.service_type = service_id, endpoint, service_type
         self.state = ServiceState.PENDING
+        self.participant_sid = None
         self.dispatched_at = self.answered_at = self.joined_at = self.left_at = None
 
     @property
@@ -90,6 +92,7 @@ class SessionRecord:
     client_joined_at: datetime | None = None
     client_left_at: datetime | None = None
     client_present: bool = False
+    client_sid: str | None = None  # LiveKit's sid of the user's connection in the room now
 
     @property
     def all_services_joined(self) -> bool:

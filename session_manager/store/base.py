@@ -1,4 +1,9 @@
-"""The storage contract the registry and the supervisor rely on."""
+"""The storage contract the registry and the supervisor rely on.
+
+A store never fails silently: a write or read that cannot be done raises `StoreUnavailable`
+(a 503 for the API caller) after a bounded wait, and a store whose session writer is failing or
+behind says so (`healthy`, `check_capacity`, and the health board it was given).
+"""
 
 from __future__ import annotations
 
@@ -19,26 +24,46 @@ def matches(view: JsonDict, status: str | None, user_identity: str | None) -> bo
 
 
 class Store(Protocol):
-    async def open(self) -> None: ...
+    async def open(self) -> None:
+        """Raises `StartupFailed` (one line naming the file and the problem) if the store
+        cannot be used at all: a corrupt or unreadable database, a data_dir that is no
+        directory."""
 
     async def aclose(self) -> None:
-        """Write what is still pending, then close."""
+        """Write what is still pending (bounded by the store's flush timeout), then close;
+        nothing of the store is left running."""
 
     async def save_service(self, service: JsonDict) -> None:
-        """Insert or replace a registration; returns once it is durable."""
+        """Insert or replace a registration; returns once it is durable. Raises
+        `StoreUnavailable` if it could not be written within the store's bounded retries."""
 
     async def delete_service(self, service_id: str) -> None: ...
 
     async def load_services(self) -> list[JsonDict]: ...
 
     def save_session(self, view: JsonDict) -> None:
-        """Queue the latest view of a session. Never blocks: session actors call it after each
-        change, and a burst of changes to one session is coalesced into one write."""
+        """Queue the latest view of a session. Never blocks and never refuses: session actors
+        call it after each change, and a burst of changes to one session is coalesced into one
+        write. New sessions are gated by `check_capacity` instead."""
 
     async def get_session(self, session_id: str) -> JsonDict | None: ...
 
-    async def flush(self) -> None:
-        """Return once every view queued before the call is written."""
+    async def flush(self, timeout: float | None = None) -> None:
+        """Return once every view queued before the call is written. Waits at most `timeout`
+        seconds (None: the store's flush timeout), then raises `StoreUnavailable`; raises it at
+        once if the session writer has stopped."""
+
+    def check_capacity(self) -> None:
+        """Cheap and synchronous: raises `StoreUnavailable` if the store cannot take a new
+        session now (too many views waiting to be written, or the writer has stopped)."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while writes are failing, the backlog is at its bound, or the writer stopped."""
+
+    @property
+    def backlog(self) -> int:
+        """Session views waiting to be written."""
 
     async def list_sessions(
         self,

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from session_manager.health_board import HealthBoard
 from session_manager.store.base import JsonDict, SessionCursor, listed_before, matches
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    """Keeps the contract of `SqliteStore`, with nothing that can fail: every write is done at
+    once, so the backlog is always empty and the store is always healthy. It takes the same
+    keyword arguments so that both are built alike; it never has a reason to use them."""
+
+    def __init__(
+        self,
+        *,
+        board: HealthBoard | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        max_pending: int = 50_000,
+        flush_timeout: float = 10.0,
+    ) -> None:
         self._services: dict[str, JsonDict] = {}
         self._sessions: dict[str, JsonDict] = {}
         self._idempotency: dict[str, JsonDict] = {}
@@ -32,8 +46,19 @@ class MemoryStore:
     async def get_session(self, session_id: str) -> JsonDict | None:
         return self._sessions.get(session_id)
 
-    async def flush(self) -> None:
+    async def flush(self, timeout: float | None = None) -> None:
         return None
+
+    def check_capacity(self) -> None:
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def backlog(self) -> int:
+        return 0
 
     async def list_sessions(
         self,

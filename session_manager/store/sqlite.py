@@ -1,29 +1,50 @@
 """Embedded SQLite, reached through one thread so the event loop never waits on the disk.
 
-Registrations are written through (the caller is answered once they are durable). Session views
-are written behind: the latest view of each session waits in `_pending` and a writer task stores
-a whole batch in one transaction, so a burst of sessions costs a few commits, not hundreds.
+Registrations and idempotency keys are written through: the caller is answered once they are
+durable, or gets `StoreUnavailable` after a few attempts within `call_timeout`. Reads have the
+same bound. Session views are written behind: the latest view of each session waits in
+`_pending` and a writer task stores a whole batch in one transaction, so a burst of sessions
+costs a few commits, not hundreds.
+
+The store never fails silently:
+- a batch that cannot be written is logged (ERROR; the traceback once per failure streak) and
+  retried with capped exponential backoff, and the store is down on its health board from the
+  first failed write until one succeeds;
+- a view that cannot be serialised at all is dropped alone, with an ERROR naming its session;
+- views waiting to be written are bounded by `max_pending`: at the bound the store is down on
+  its board and `check_capacity` refuses new sessions with `StoreUnavailable`, while views of
+  sessions already running are still accepted (coalesced per session, they cannot grow the
+  backlog past the number of sessions). It is back when the backlog drains below the bound;
+- the writer task is watched: if it dies anyway, `flush` waiters get `StoreUnavailable` at once,
+  the store is down for good and `on_fatal(reason)` is called so the process can exit non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import os
 import sqlite3
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
-from session_manager.store.base import JsonDict, SessionCursor
+from session_manager.errors import StartupFailed, StoreUnavailable
+from session_manager.health_board import STORE, HealthBoard
+from session_manager.store.base import JsonDict, SessionCursor, listed_before, matches
+from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-FLUSH_TIMEOUT = 5.0
 BATCH_WINDOW = 0.02  # seconds the writer waits after a wake-up for more views to arrive
+
+WRITER_STOPPED = "the store's session writer has stopped"
+WRITES_FAILING = "session views cannot be written"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -44,10 +65,35 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 """
 
+SessionRow = tuple[str, str, str, str, bytes]
+
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
+    """See the module docstring. `board` (optional) hears when the store goes down and comes
+    back; `on_fatal(reason)` (optional) is called once if the session writer dies."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        board: HealthBoard | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        max_pending: int = 50_000,
+        flush_timeout: float = 10.0,
+        call_timeout: float = 5.0,
+        attempts: int = 3,
+        retry_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+    ) -> None:
         self._path = path
+        self._board = board
+        self._on_fatal = on_fatal
+        self._max_pending = max_pending
+        self._flush_timeout = flush_timeout
+        self._call_timeout = call_timeout
+        self._attempts = attempts
+        self._retry_backoff = retry_backoff
+        self._max_backoff = max_backoff
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
         self._pending: dict[str, JsonDict] = {}
@@ -55,114 +101,237 @@ class SqliteStore:
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
-        # flush(): every save bumps `_queued`; the writer publishes `_written` after each batch.
+        # flush(): every save bumps `_queued`; the writer publishes `_written` after each batch
+        # and answers the waiters whose target it reached.
         self._queued = 0
         self._written = 0
-        self._batch_written = asyncio.Condition()
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # What the health board was last told (None: up), and why the store may be down.
+        self._failing = False
+        self._over_bound = False
+        self._writer_died = False
+        self._reported: str | None = None
+
+    # lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        await self._run(self._open_sync)
-        self._writer = asyncio.create_task(self._write_behind(), name="sqlite-session-writer")
+        try:
+            await asyncio.wait_for(self._run(self._open_sync), self._flush_timeout)
+        except TimeoutError:
+            problem = f"cannot open {self._path}: no answer within {self._flush_timeout:g} s"
+        except (OSError, sqlite3.Error) as exc:
+            problem = _open_problem(self._path, exc)
+        else:
+            self._writer = asyncio.create_task(self._write_behind(), name="sqlite-session-writer")
+            watch(self._writer, self._on_writer_death)
+            return
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        raise StartupFailed(problem)
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     async def aclose(self) -> None:
         self._closing = True
         self._wakeup.set()
-        if self._writer is not None:
+        if self._writer is not None and not self._writer_died:
             try:
-                await asyncio.wait_for(self._writer, 10)
-            except TimeoutError:
+                await self.flush(self._flush_timeout)
+            except StoreUnavailable:
                 log.error(
-                    "session writer did not finish; cancelling",
-                    extra={"pending": len(self._pending)},
+                    "session views left unwritten at close",
+                    extra={"count": self.backlog, "timeout": self._flush_timeout},
                 )
-                self._writer.cancel()
-                with suppress(asyncio.CancelledError):
-                    await self._writer
-            self._writer = None
-        if self._db is not None:
-            await self._run(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)
+        await cancel_and_wait([self._writer])
+        self._writer = None
+        closed = self._db is None
+        if not closed:
+            try:
+                await asyncio.wait_for(self._run(self._close_sync), self._call_timeout)
+                closed = True
+            except Exception as exc:
+                log.error("closing the database failed", extra={"error": _describe(exc)})
+        # A thread stuck on the disk cannot be stopped; it is abandoned rather than waited for.
+        self._executor.shutdown(wait=closed, cancel_futures=True)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    def _close_sync(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    # health ------------------------------------------------------------------------------
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending) + len(self._writing)
+
+    @property
+    def healthy(self) -> bool:
+        return self._trouble() is None
+
+    def check_capacity(self) -> None:
+        if self._writer_died:
+            raise StoreUnavailable(WRITER_STOPPED)
+        if self.backlog >= self._max_pending:
+            raise StoreUnavailable(
+                f"{self.backlog} session views are waiting to be written; try again later"
+            )
+
+    def _trouble(self) -> str | None:
+        if self._writer_died:
+            return WRITER_STOPPED
+        if self._failing:
+            return WRITES_FAILING
+        if self._over_bound:
+            return f"{self._max_pending} or more session views are waiting to be written"
+        return None
+
+    def _report_health(self) -> None:
+        trouble = self._trouble()
+        if trouble == self._reported:
+            return
+        self._reported = trouble
+        if self._board is None:
+            return
+        if trouble is None:
+            self._board.up(STORE)
+        else:
+            self._board.down(STORE, trouble)
+
+    def _check_backlog(self) -> None:
+        over = self.backlog >= self._max_pending
+        if over != self._over_bound:
+            self._over_bound = over
+            self._report_health()
+
+    def _on_writer_death(self, error: BaseException | None) -> None:
+        self._writer_died = True
+        waiters, self._flush_waiters = self._flush_waiters, []
+        for _, done in waiters:
+            if not done.done():
+                done.set_exception(StoreUnavailable(WRITER_STOPPED))
+        self._report_health()
+        if self._on_fatal is not None:
+            self._on_fatal(WRITER_STOPPED)
+
+    # calls through the disk thread -------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the disk thread, retrying failures with backoff, all within
+        `call_timeout`; `StoreUnavailable` (one line, no SQLite internals) if it never works."""
+        delay = self._retry_backoff
+        attempt = 1
+        try:
+            async with asyncio.timeout(self._call_timeout):
+                while True:
+                    try:
+                        return await self._run(fn, *args)
+                    except Exception as exc:
+                        if attempt >= self._attempts:
+                            raise
+                        log.warning(
+                            "store call failed; retrying",
+                            extra={"operation": what, "attempt": attempt, "error": _describe(exc)},
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._max_backoff)
+                    attempt += 1
+        except TimeoutError:
+            log.error(
+                "store call timed out",
+                extra={"operation": what, "timeout": self._call_timeout, "attempts": attempt},
+            )
+            raise StoreUnavailable(
+                f"the store did not {what} within {self._call_timeout:g} s"
+            ) from None
+        except Exception:
+            log.exception("store call failed", extra={"operation": what, "attempts": attempt})
+            raise StoreUnavailable(f"the store could not {what}") from None
 
     @property
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise RuntimeError("SqliteStore used before open()")
+            raise RuntimeError("SqliteStore used while not open")
         return self._db
 
-    # registrations -------------------------------------------------------------------------
-
-    async def save_service(self, service: JsonDict) -> None:
-        await self._run(
-            self._conn.execute,
-            "INSERT OR REPLACE INTO services (service_id, body) VALUES (?, ?)",
-            (service["service_id"], orjson.dumps(service)),
-        )
-
-    async def delete_service(self, service_id: str) -> None:
-        await self._run(
-            self._conn.execute, "DELETE FROM services WHERE service_id = ?", (service_id,)
-        )
-
-    async def load_services(self) -> list[JsonDict]:
-        rows = await self._run(self._fetchall, "SELECT body FROM services ORDER BY service_id", ())
-        return [orjson.loads(row[0]) for row in rows]
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        self._conn.execute(sql, params)
 
     def _fetchall(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, params).fetchall()
 
-    # sessions ------------------------------------------------------------------------------
+    # registrations -----------------------------------------------------------------------
 
-    def save_session(self, view: JsonDict) -> None:
-        self._pending[view["session_id"]] = view
-        self._queued += 1
-        self._wakeup.set()
+    async def save_service(self, service: JsonDict) -> None:
+        what = "save a registration"
+        await self._call(
+            what,
+            self._execute,
+            "INSERT OR REPLACE INTO services (service_id, body) VALUES (?, ?)",
+            (service["service_id"], _encode(what, service)),
+        )
 
-    async def flush(self) -> None:
-        target = self._queued
-        async with self._batch_written:
-            await self._batch_written.wait_for(lambda: self._written >= target)
+    async def delete_service(self, service_id: str) -> None:
+        await self._call(
+            "delete a registration",
+            self._execute,
+            "DELETE FROM services WHERE service_id = ?",
+            (service_id,),
+        )
 
-    async def list_sessions(
-        self,
-        *,
-        status: str | None,
-        user_identity: str | None,
-        limit: int,
-        before: SessionCursor | None,
-    ) -> list[JsonDict]:
-        # Read what was published just before; a disk that is failing must not hang the list.
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self.flush(), FLUSH_TIMEOUT)
-        clauses: list[str] = []
-        params: list[Any] = []
-        if status is not None:
-            clauses.append("status = ?")
-            params.append(status)
-        if user_identity is not None:
-            clauses.append("user_identity = ?")
-            params.append(user_identity)
-        if before is not None:
-            clauses.append("(created_at < ? OR (created_at = ? AND session_id < ?))")
-            params += [before[0], before[0], before[1]]
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT body FROM sessions {where} ORDER BY created_at DESC, session_id DESC LIMIT ?"
-        rows = await self._run(self._fetchall, sql, (*params, limit))
+    async def load_services(self) -> list[JsonDict]:
+        rows = await self._call(
+            "load registrations",
+            self._fetchall,
+            "SELECT body FROM services ORDER BY service_id",
+            (),
+        )
         return [orjson.loads(row[0]) for row in rows]
 
+    # idempotency keys --------------------------------------------------------------------
+
+    async def save_idempotency(self, key: str, entry: JsonDict) -> None:
+        what = "save an idempotency key"
+        await self._call(
+            what,
+            self._execute,
+            "INSERT OR REPLACE INTO idempotency (key, body) VALUES (?, ?)",
+            (key, _encode(what, entry)),
+        )
+
+    async def get_idempotency(self, key: str) -> JsonDict | None:
+        rows = await self._call(
+            "read an idempotency key",
+            self._fetchall,
+            "SELECT body FROM idempotency WHERE key = ?",
+            (key,),
+        )
+        return orjson.loads(rows[0][0]) if rows else None
+
+    async def delete_idempotency(self, key: str) -> None:
+        await self._call(
+            "delete an idempotency key",
+            self._execute,
+            "DELETE FROM idempotency WHERE key = ?",
+            (key,),
+        )
+
     async def purge(self, *, sessions_created_before: str, keys_created_before: float) -> int:
-        return int(await self._run(self._purge, sessions_created_before, keys_created_before))
+        return await self._call(
+            "purge old rows", self._purge, sessions_created_before, keys_created_before
+        )
 
     def _purge(self, sessions_before: str, keys_before: float) -> int:
         with self._conn:
@@ -176,35 +345,115 @@ class SqliteStore:
                 " WHERE json_extract(CAST(body AS TEXT), '$.created_at') < ?",
                 (keys_before,),
             ).rowcount
-        return ended + keys
+        return int(ended + keys)
 
-    async def save_idempotency(self, key: str, entry: JsonDict) -> None:
-        await self._run(
-            self._conn.execute,
-            "INSERT OR REPLACE INTO idempotency (key, body) VALUES (?, ?)",
-            (key, orjson.dumps(entry)),
-        )
+    # sessions ----------------------------------------------------------------------------
 
-    async def get_idempotency(self, key: str) -> JsonDict | None:
-        rows = await self._run(self._fetchall, "SELECT body FROM idempotency WHERE key = ?", (key,))
-        return orjson.loads(rows[0][0]) if rows else None
+    def save_session(self, view: JsonDict) -> None:
+        self._pending[view["session_id"]] = view
+        self._queued += 1
+        self._wakeup.set()
+        if not self._over_bound:
+            self._check_backlog()
 
-    async def delete_idempotency(self, key: str) -> None:
-        await self._run(self._conn.execute, "DELETE FROM idempotency WHERE key = ?", (key,))
+    async def flush(self, timeout: float | None = None) -> None:
+        limit = self._flush_timeout if timeout is None else timeout
+        if self._writer_died:
+            raise StoreUnavailable(WRITER_STOPPED)
+        target = self._queued
+        if self._written >= target:
+            return
+        if self._writer is None:
+            raise StoreUnavailable("the store is not open")
+        done = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, done))
+        try:
+            await asyncio.wait_for(done, limit)
+        except TimeoutError:
+            raise StoreUnavailable(f"session views were not written within {limit:g} s") from None
 
     async def get_session(self, session_id: str) -> JsonDict | None:
-        pending = self._pending.get(session_id) or self._writing.get(session_id)
-        if pending is not None:
-            return pending
-        rows = await self._run(
-            self._fetchall, "SELECT body FROM sessions WHERE session_id = ?", (session_id,)
+        waiting = self._pending.get(session_id) or self._writing.get(session_id)
+        if waiting is not None:
+            return waiting
+        rows = await self._call(
+            "read a session",
+            self._fetchall,
+            "SELECT body FROM sessions WHERE session_id = ?",
+            (session_id,),
         )
         return orjson.loads(rows[0][0]) if rows else None
 
+    async def list_sessions(
+        self,
+        *,
+        status: str | None,
+        user_identity: str | None,
+        limit: int,
+        before: SessionCursor | None,
+    ) -> list[JsonDict]:
+        # Views not yet on disk are merged in rather than waited for: a disk that is failing or
+        # slow must not stall every listing. Their stored rows are older, so those are skipped.
+        waiting = {**self._writing, **self._pending}
+        fresh = [
+            view
+            for view in waiting.values()
+            if matches(view, status, user_identity) and listed_before(view, before)
+        ]
+        stored = await self._call(
+            "list sessions",
+            self._list_stored,
+            status,
+            user_identity,
+            limit,
+            before,
+            frozenset(waiting),
+        )
+        return heapq.nlargest(
+            limit, [*fresh, *stored], key=lambda v: (v["created_at"], v["session_id"])
+        )
+
+    def _list_stored(
+        self,
+        status: str | None,
+        user_identity: str | None,
+        limit: int,
+        before: SessionCursor | None,
+        skip: frozenset[str],
+    ) -> list[JsonDict]:
+        """Up to `limit` stored sessions, newest first, leaving out those in `skip`: page on
+        until enough are found (usually one page, as few views wait at a time)."""
+        filters: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            filters.append("status = ?")
+            params.append(status)
+        if user_identity is not None:
+            filters.append("user_identity = ?")
+            params.append(user_identity)
+        found: list[JsonDict] = []
+        cursor = before
+        while True:
+            clauses, page_params = list(filters), list(params)
+            if cursor is not None:
+                clauses.append("(created_at < ? OR (created_at = ? AND session_id < ?))")
+                page_params += [cursor[0], cursor[0], cursor[1]]
+            where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+            rows = self._fetchall(
+                f"SELECT session_id, created_at, body FROM sessions {where}"
+                " ORDER BY created_at DESC, session_id DESC LIMIT ?",
+                (*page_params, limit),
+            )
+            found += [orjson.loads(body) for session_id, _, body in rows if session_id not in skip]
+            if len(found) >= limit or len(rows) < limit:
+                return found[:limit]
+            cursor = (rows[-1][1], rows[-1][0])
+
     async def _write_behind(self) -> None:
+        delay = self._retry_backoff
         while True:
             await self._wakeup.wait()
-            if not self._closing:
+            if not self._closing and not self._failing:
                 # Let a burst gather: one commit for many sessions instead of one each.
                 await asyncio.sleep(BATCH_WINDOW)
             self._wakeup.clear()
@@ -213,29 +462,64 @@ class SqliteStore:
             if batch:
                 self._writing = batch
                 try:
-                    await self._run(self._write_sessions, list(batch.values()))
-                except sqlite3.Error:
-                    log.exception(
-                        "writing sessions failed; will retry", extra={"count": len(batch)}
+                    dropped = await asyncio.wait_for(
+                        self._run(self._write_sessions, list(batch.values())),
+                        self._flush_timeout,
                     )
+                except Exception as exc:
                     # Newer views that arrived meanwhile win over the batch we failed to write.
                     self._pending = {**batch, **self._pending}
-                    await asyncio.sleep(1.0)
+                    self._writing = {}
+                    self._write_failed(exc, len(batch), delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._max_backoff)
                     self._wakeup.set()
                     continue
-                finally:
-                    self._writing = {}
-            async with self._batch_written:
-                self._written = covered
-                self._batch_written.notify_all()
-            if self._closing and not self._pending:
-                return
+                self._writing = {}
+                delay = self._retry_backoff
+                for session_id, error in dropped:
+                    log.error(
+                        "session view cannot be serialised; dropped",
+                        extra={"session_id": session_id, "error": error},
+                    )
+                if self._failing:
+                    self._failing = False
+                    log.warning("session views are written again", extra={"count": len(batch)})
+            self._written = covered
+            self._answer_flushes()
+            self._check_backlog()
+            self._report_health()
 
-    def _write_sessions(self, views: list[JsonDict]) -> None:
-        rows = [
-            (v["session_id"], v["status"], v["user_identity"], v["created_at"], orjson.dumps(v))
-            for v in views
-        ]
+    def _write_failed(self, exc: Exception, count: int, retry_in: float) -> None:
+        extra = {"count": count, "retry_in": retry_in, "error": _describe(exc)}
+        if self._failing:
+            log.error("writing session views failed again; will retry", extra=extra)
+            return
+        self._failing = True
+        log.error("writing session views failed; will retry", extra=extra, exc_info=exc)
+        self._report_health()
+
+    def _answer_flushes(self) -> None:
+        waiting: list[tuple[int, asyncio.Future[None]]] = []
+        for target, done in self._flush_waiters:
+            if done.done():
+                continue  # its caller gave up
+            if target <= self._written:
+                done.set_result(None)
+            else:
+                waiting.append((target, done))
+        self._flush_waiters = waiting
+
+    def _write_sessions(self, views: list[JsonDict]) -> list[tuple[str, str]]:
+        """Write the views in one transaction. A view that cannot become a row is left out
+        (it would fail every retry of the batch); returns those as (session_id, why)."""
+        rows: list[SessionRow] = []
+        dropped: list[tuple[str, str]] = []
+        for view in views:
+            try:
+                rows.append(_session_row(view))
+            except Exception as exc:
+                dropped.append((str(view.get("session_id")), _describe(exc)))
         with self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany(
@@ -243,3 +527,58 @@ class SqliteStore:
                 " body) VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
+        return dropped
+
+
+def _session_row(view: JsonDict) -> SessionRow:
+    columns = (view["session_id"], view["status"], view["user_identity"], view["created_at"])
+    if not all(isinstance(column, str) for column in columns):
+        raise TypeError("session_id, status, user_identity and created_at must be strings")
+    return (*columns, orjson.dumps(view))
+
+
+def _encode(what: str, value: JsonDict) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
+        log.error("value cannot be serialised", extra={"operation": what, "error": _describe(exc)})
+        raise StoreUnavailable(f"the store could not {what}: it cannot be serialised") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: text` of an exception on one line, for logs; never raises."""
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _open_problem(path: Path, exc: OSError | sqlite3.Error) -> str:
+    """One line for the operator: the file, and what is wrong with it."""
+    if isinstance(exc, OSError):
+        for folder in (path.parent, *path.parent.parents):
+            if folder.exists() and not folder.is_dir():
+                return f"cannot open {path}: {folder} is not a directory"
+        return f"cannot open {path}: {(exc.strerror or _describe(exc)).lower()}"
+    # The primary code of an extended one; errors raised by the module itself have none.
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_NOTADB:
+        return f"{path} is not a SQLite database"
+    if code == sqlite3.SQLITE_CORRUPT:
+        return f"{path} is a corrupt SQLite database"
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return f"{path} is locked by another process"
+    if code == sqlite3.SQLITE_READONLY:
+        return f"cannot write {path}: read-only"
+    if code == sqlite3.SQLITE_FULL:
+        return f"cannot write {path}: disk full"
+    if code == sqlite3.SQLITE_IOERR:
+        return f"cannot read or write {path}: I/O error"
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        if path.is_dir():
+            return f"cannot open {path}: it is a directory"
+        target, access = (path, os.R_OK | os.W_OK) if path.exists() else (path.parent, os.W_OK)
+        if not os.access(target, access):
+            return f"cannot open {path}: permission denied"
+    return f"cannot open {path}: {_describe(exc)}"

@@ -35,6 +35,7 @@ class FakeGateway:
     rooms: set[str] = field(default_factory=set)
     deleted: list[str] = field(default_factory=list)
     fail_create: BaseException | None = None
+    removed: list[tuple[str, str]] = field(default_factory=list)
 
     async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
         if self.fail_create is not None:
@@ -44,6 +45,12 @@ class FakeGateway:
     async def delete_room(self, name: str) -> None:
         self.rooms.discard(name)
         self.deleted.append(name)
+
+    async def list_rooms(self) -> list[str]:
+        return sorted(self.rooms)
+
+    async def remove_participant(self, room: str, identity: str) -> None:
+        self.removed.append((room, identity))
 
     def mint_token(self, *, identity: str, room_name: str, ttl: timedelta, **_: Any) -> str:
         return f"token:{identity}:{room_name}:{int(ttl.total_seconds())}"

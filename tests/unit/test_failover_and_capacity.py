@@ -28,7 +28,7 @@ DOWN = DispatchOutcome(False, 2, error="join-room failed: ClientConnectorError")
 
 async def register_pongs(harness: Harness, *ids: str, **metadata: Any) -> None:
     for service_id in ids:
-        await harness.registry.register(
+        harness.registry.register(
             service_id, f"http://{service_id}", {"type": "PONG", **metadata}
         )
 
@@ -77,7 +77,7 @@ async def test_unhealthy_and_draining_instances_are_not_chosen(harness: Harness)
     await register_pongs(harness, "pong-a", "pong-b", "pong-c")
     for _ in range(2):  # unhealthy_after=2 in the harness
         harness.registry.record_health("pong-a", "health check failed: refused")
-    await harness.registry.set_draining("pong-b")
+    harness.registry.update("pong-b", draining=True)
     for _ in range(3):
         await harness.create(required_services=["type:PONG"])
     assert {r.service_identity for r in harness.microservices.requests} == {"pong-c"}
@@ -170,7 +170,7 @@ async def test_redispatch_gives_up_after_max_redispatch(make_harness: HarnessFac
 
 async def test_services_added_and_removed_at_run_time(harness: Harness) -> None:
     await register_pongs(harness, "pong-a", "pong-b")
-    await harness.registry.register("asr", "http://asr", {"type": "ASR"})
+    harness.registry.register("asr", "http://asr", {"type": "ASR"})
     created = await harness.create(required_services=[])
     view = await harness.ask(lambda r: AddSessionService(created.session_id, "type:PONG", r))
     assert view["status"] == "WaitingForServices"
@@ -277,9 +277,7 @@ async def test_an_unhealthy_instance_is_replaced_at_once(harness: Harness) -> No
     harness.joined(created, first)
     await harness.until(created.session_id, S.READY)
     for _ in range(2):  # unhealthy_after=2 in the harness
-        change = harness.registry.record_health(first, "health check timed out")
-    assert change is not None
-    harness.supervisor.health_changed(change)
+        harness.supervisor.health_checked([(first, "health check timed out")])
     view = await harness.until_view(
         created.session_id, lambda v: service_of(v)["service_id"] == other
     )
@@ -294,9 +292,7 @@ async def test_an_unhealthy_instance_with_no_stand_in_is_kept(harness: Harness) 
     harness.joined(created, "pong-a")
     await harness.until(created.session_id, S.READY)
     for _ in range(2):
-        change = harness.registry.record_health("pong-a", "health check timed out")
-    assert change is not None
-    harness.supervisor.health_changed(change)
+        harness.supervisor.health_checked([("pong-a", "health check timed out")])
     await asyncio.sleep(0.05)
     view = await harness.view(created.session_id)
     assert view["status"] == "Ready" and service_of(view)["service_id"] == "pong-a"

@@ -17,7 +17,7 @@ def session_events(harness: Harness, session_id: str) -> list[tuple[str, dict[st
 
 
 async def test_a_session_tells_its_whole_life_in_order(harness: Harness) -> None:
-    await harness.registry.register("asr", "http://asr", {"type": "ASR"})
+    harness.registry.register("asr", "http://asr", {"type": "ASR"})
     created = await harness.create(required_services=["asr"])
     harness.joined(created, "asr")
     harness.joined(created, "user123", ROLE_CLIENT)
@@ -47,7 +47,7 @@ async def test_a_session_tells_its_whole_life_in_order(harness: Harness) -> None
 
 
 async def test_no_token_ever_appears_in_an_event(harness: Harness) -> None:
-    await harness.registry.register("asr", "http://asr", {"type": "ASR"})
+    harness.registry.register("asr", "http://asr", {"type": "ASR"})
     created = await harness.create(required_services=["asr"])
     harness.joined(created, "asr")
     await harness.until(created.session_id, S.READY)

@@ -10,8 +10,8 @@ import pytest
 from session_manager.dispatch import DispatchOutcome
 from session_manager.errors import (
     LiveKitUnavailable,
+    ManagerError,
     MicroserviceUnavailable,
-    SessionGone,
     Timeout,
 )
 from session_manager.livekit.webhooks import (
@@ -48,8 +48,8 @@ async def test_no_services_is_ready_at_once(harness: Harness) -> None:
 
 
 async def test_services_join_then_client_makes_it_active(harness: Harness) -> None:
-    await harness.registry.register("asr", "http://asr", {"type": "ASR"})
-    await harness.registry.register("tts", "http://tts", {"type": "TTS"})
+    harness.registry.register("asr", "http://asr", {"type": "ASR"})
+    harness.registry.register("tts", "http://tts", {"type": "TTS"})
     created = await harness.create(required_services=["asr", "tts"])
     assert created.status == "WaitingForServices"
     sid, room = created.session_id, created.room_name
@@ -69,7 +69,7 @@ async def test_services_join_then_client_makes_it_active(harness: Harness) -> No
 async def test_a_participant_without_our_attributes_is_not_taken_for_a_service(
     harness: Harness,
 ) -> None:
-    await harness.registry.register("asr", "http://asr", {})
+    harness.registry.register("asr", "http://asr", {})
     created = await harness.create(required_services=["asr"])
     # Same identity, but not a token we minted for this session: no guessing from names.
     harness.webhook("participant_joined", created.room_name, "asr")
@@ -81,7 +81,7 @@ async def test_a_participant_without_our_attributes_is_not_taken_for_a_service(
 
 
 async def test_dispatch_failure_ends_the_session_and_deletes_the_room(harness: Harness) -> None:
-    await harness.registry.register("asr", "http://asr", {})
+    harness.registry.register("asr", "http://asr", {})
     harness.microservices.outcomes["asr"] = DispatchOutcome(False, 3, error="HTTP 500")
     with pytest.raises(MicroserviceUnavailable, match="asr could not join: HTTP 500"):
         await harness.create(required_services=["asr"])
@@ -96,7 +96,7 @@ async def test_dispatch_failure_ends_the_session_and_deletes_the_room(harness: H
 
 
 async def test_waiting_caller_gets_timeout_and_session_is_cleaned_up(harness: Harness) -> None:
-    await harness.registry.register("asr", "http://asr", {})
+    harness.registry.register("asr", "http://asr", {})
     with pytest.raises(Timeout, match="Timeout waiting for microservices to join"):
         await harness.create(required_services=["asr"], wait_until_ready=True, wait_timeout=0.1)
     [request] = harness.microservices.requests
@@ -115,8 +115,9 @@ async def test_livekit_down_fails_the_create_and_terminates(harness: Harness) ->
 async def test_a_crashing_actor_ends_its_session_and_the_rest_carry_on(harness: Harness) -> None:
     healthy = await harness.create(required_services=[])
     harness.gateway.fail_create = RuntimeError("boom")
-    with pytest.raises(SessionGone, match="internal error: RuntimeError: boom"):
+    with pytest.raises(ManagerError, match="internal error: RuntimeError: boom") as failed:
         await harness.create(required_services=[])
+    assert (failed.value.status, failed.value.code) == (500, "InternalError")
     harness.gateway.fail_create = None
 
     # The supervisor is still taking commands, the other session is untouched.

@@ -1,14 +1,17 @@
 """Both stores keep the same promises: sessions listed newest first with filters and cursors,
-views readable right after they are queued, idempotency keys, and old rows purged."""
+views readable right after they are queued, idempotency keys, old rows purged, and the same
+health interface (capacity check, bounded flush). Faults of the SQLite store: test_store_faults."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from session_manager.health_board import HealthBoard
 from session_manager.store import MemoryStore, SqliteStore, Store
 from session_manager.store.retention import RetentionSweeper
 
@@ -21,7 +24,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await made.aclose()
 
 
-def view(session_id: str, created_at: str, status: str = "Active", user: str = "u") -> dict:
+def view(
+    session_id: str, created_at: str, status: str = "Active", user: str = "u"
+) -> dict[str, Any]:
     return {
         "session_id": session_id,
         "created_at": created_at,
@@ -77,3 +82,30 @@ async def test_registrations_are_kept_until_deleted(store: Store) -> None:
     await store.save_service({"service_id": "b", "endpoint": "http://b"})
     await store.delete_service("a")
     assert [s["service_id"] for s in await store.load_services()] == ["b"]
+
+
+async def test_a_healthy_store_takes_new_sessions_and_flushes_in_time(store: Store) -> None:
+    store.check_capacity()
+    assert store.healthy
+    store.save_session(view("a", "2026-01-01T00:00:00.000Z"))
+    await store.flush(timeout=10)
+    assert store.backlog == 0
+    store.check_capacity()
+    assert store.healthy
+
+
+async def test_a_store_is_built_alike_whichever_kind(tmp_path: Path) -> None:
+    board = HealthBoard()
+    options: dict[str, Any] = {
+        "board": board,
+        "on_fatal": lambda reason: None,
+        "max_pending": 100,
+        "flush_timeout": 1.0,
+    }
+    for made in (MemoryStore(**options), SqliteStore(tmp_path / "s.db", **options)):
+        await made.open()
+        made.save_session(view("a", "2026-01-01T00:00:00.000Z"))
+        await made.flush()
+        assert (await made.get_session("a") or {})["session_id"] == "a"
+        await made.aclose()
+    assert board.healthy
