@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 from contextlib import AsyncExitStack
 
 import aiohttp
@@ -18,7 +19,7 @@ from session_manager.clock import now_rfc3339
 from session_manager.config import Settings
 from session_manager.dispatch import DispatchPolicy, MicroserviceClient
 from session_manager.events import EventLog, OutboundWebhooks, WebhookPolicy, WebhookTarget
-from session_manager.health_board import SUPERVISOR, HealthBoard, Problem
+from session_manager.health_board import STORE, SUPERVISOR, HealthBoard, Problem
 from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, make_endpoint
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
 from session_manager.livekit.watch import LiveKitWatch
@@ -109,10 +110,17 @@ class Daemon:
 
     async def _open_store(self) -> None:
         settings = self.settings
+        board, fail = self.board, self.fail
+        options: dict[str, Any] = {
+            "board": board,
+            "on_fatal": lambda reason: fail(STORE, reason),
+            "max_pending": settings.store_max_pending,
+            "flush_timeout": settings.store_flush_timeout,
+        }
         self.store = (
-            SqliteStore(settings.data_dir / "session-manager.sqlite3")
+            SqliteStore(settings.data_dir / "session-manager.sqlite3", **options)
             if settings.store == "sqlite"
-            else MemoryStore()
+            else MemoryStore(**options)
         )
         await self.store.open()
         self._stage("store", self.store.aclose)

@@ -31,6 +31,44 @@ _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asct
 _SENSITIVE_MARKERS = ("token", "secret", "password", "authorization")
 
 
+class SafeLogger(logging.Logger):
+    """A logger whose calls cannot raise over their `extra`: a key that clashes with a
+    LogRecord attribute (`message`, `name`, ...) makes the standard logger raise KeyError, in
+    the middle of whatever error path was logging. Here it is kept as `extra_<key>` instead.
+    (ruff's G101 catches the literal cases; this catches the rest.)"""
+
+    def makeRecord(
+        self,
+        name: str,
+        level: int,
+        fn: str,
+        lno: int,
+        msg: object,
+        args: Any,
+        exc_info: Any,
+        func: str | None = None,
+        extra: Any = None,
+        sinfo: str | None = None,
+    ) -> logging.LogRecord:
+        if extra:
+            extra = {
+                (f"extra_{key}" if key in _STANDARD_ATTRS else key): value
+                for key, value in extra.items()
+            }
+        return super().makeRecord(name, level, fn, lno, msg, args, exc_info, func, extra, sinfo)
+
+
+def install_safe_logger() -> None:
+    """Loggers made from now on are SafeLoggers; those made earlier are converted in place."""
+    logging.setLoggerClass(SafeLogger)
+    for logger in logging.Logger.manager.loggerDict.values():
+        if type(logger) is logging.Logger:
+            logger.__class__ = SafeLogger
+
+
+install_safe_logger()
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     for key, value in vars(record).items():

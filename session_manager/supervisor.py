@@ -283,6 +283,13 @@ class Supervisor:
                         extra={"command": type(message).__name__},
                     )
                 settle(getattr(message, "reply", None), error=exc)
+            except BaseException:
+                # The loop is dying (cancelled, or worse): the command in hand is answered too.
+                settle(
+                    getattr(message, "reply", None),
+                    error=Unhealthy("the session manager stopped while handling this request"),
+                )
+                raise
 
     def _loop_died(self, error: BaseException | None) -> None:
         reason = f"supervisor loop ended: {type(error).__name__ if error else 'returned'}"
@@ -535,6 +542,7 @@ class Supervisor:
         store = self._board.problem(STORE)
         if store is not None:
             raise StoreUnavailable(f"sessions cannot be stored now: {store.reason}")
+        self._store.check_capacity()
 
     def _idempotency_looked_up(self, key: str) -> Callable[[asyncio.Future[JsonDict | None]], None]:
         def decide(task: asyncio.Future[JsonDict | None]) -> None:

@@ -16,6 +16,9 @@ log = logging.getLogger(__name__)
 # Probes failing in a row before LiveKit counts as down. One can fail on a passing hiccup (a
 # pause of either process, a dropped connection); two in a row, a probe interval apart, cannot.
 FAILED_PROBES_FOR_DOWN = 2
+# While LiveKit is down, probes come at least this often (seconds): creates are refused until
+# one answers, and a probe of a dead LiveKit costs next to nothing.
+RECOVERY_PROBE_INTERVAL = 0.5
 
 
 class Prober(Protocol):
@@ -31,8 +34,9 @@ class ManagedProcess(Protocol):
 
 
 class LiveKitWatch:
-    """Owns its loop, which probes LiveKit every `interval` seconds; hears at once when the
-    managed livekit-server (if any) exits.
+    """Owns its loop, which probes LiveKit every `interval` seconds (at least every
+    RECOVERY_PROBE_INTERVAL while it is down); hears at once when the managed livekit-server
+    (if any) exits.
 
     LiveKit is down when the managed process exits (its rooms are lost: a single node without
     Redis keeps them in memory) or when FAILED_PROBES_FOR_DOWN probes in a row fail (for an
@@ -109,7 +113,8 @@ class LiveKitWatch:
                 failures = 0
                 if self._exits == exits_before:
                     self._back()
-            await asyncio.sleep(self._interval)
+            pause = min(self._interval, RECOVERY_PROBE_INTERVAL) if self._down else self._interval
+            await asyncio.sleep(pause)
 
     def _process_exited(self, returncode: int | None) -> None:
         if self._closed:

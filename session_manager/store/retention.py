@@ -21,10 +21,13 @@ class RetentionSweeper:
         self._store = store
         self._session_retention = session_retention
         self._idempotency_ttl = idempotency_ttl
-        self._sweeps = Periodic("retention-sweeper", self.sweep, interval=SWEEP_INTERVAL)
+        # The first sweep runs at once, in the background: a store that cannot purge now is
+        # logged and tried again later, it does not stop start-up.
+        self._sweeps = Periodic(
+            "retention-sweeper", self.sweep, interval=SWEEP_INTERVAL, run_at_once=True
+        )
 
     async def start(self) -> None:
-        await self.sweep()
         self._sweeps.start()
 
     async def aclose(self) -> None:

@@ -63,8 +63,19 @@ class FakeMicroservices:
 
     left: list[tuple[str, str]] = field(default_factory=list)
 
+    # service id -> a gate its join-room calls wait on until the test opens it
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    cancelled: list[str] = field(default_factory=list)  # join-room calls the actor cancelled
+
     async def join_room(self, endpoint: str, request: JoinRoomRequest) -> DispatchOutcome:
         self.requests.append(request)
+        gate = self.gates.get(request.service_identity)
+        if gate is not None:
+            try:
+                await gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request.service_identity)
+                raise
         return self.outcomes.get(request.service_identity, DispatchOutcome(True, 1))
 
     async def leave_room(self, endpoint: str, session_id: str, room_name: str) -> str | None:
@@ -95,11 +106,19 @@ class Harness:
         )
         return result
 
-    def joined(self, created: SessionCreated, identity: str, role: str = ROLE_SERVICE) -> None:
-        self.webhook("participant_joined", created.room_name, identity, role, created.session_id)
+    def joined(
+        self, created: SessionCreated, identity: str, role: str = ROLE_SERVICE, **more: str
+    ) -> None:
+        self.webhook(
+            "participant_joined", created.room_name, identity, role, created.session_id, **more
+        )
 
-    def left(self, created: SessionCreated, identity: str, role: str = ROLE_SERVICE) -> None:
-        self.webhook("participant_left", created.room_name, identity, role, created.session_id)
+    def left(
+        self, created: SessionCreated, identity: str, role: str = ROLE_SERVICE, **more: str
+    ) -> None:
+        self.webhook(
+            "participant_left", created.room_name, identity, role, created.session_id, **more
+        )
 
     async def ask(self, make: Callable[[asyncio.Future[Any]], Any]) -> Any:
         return await self.supervisor.ask(make)
@@ -115,6 +134,9 @@ class Harness:
         identity: str | None = None,
         role: str | None = None,
         session_id: str | None = None,
+        *,
+        event_id: str = "",
+        participant_sid: str = "",
     ) -> None:
         attributes = {ROLE_ATTRIBUTE: role, SESSION_ATTRIBUTE: session_id} if role else {}
         self.supervisor.tell(
@@ -122,7 +144,9 @@ class Harness:
                 RoomEvent(
                     kind=kind,
                     room_name=room,
+                    event_id=event_id,
                     identity=identity,
+                    participant_sid=participant_sid,
                     role=role,
                     attributes={k: v for k, v in attributes.items() if v is not None},
                 )
