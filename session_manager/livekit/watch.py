@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Protocol
 
 from session_manager.errors import LiveKitUnavailable
@@ -71,6 +72,7 @@ class LiveKitWatch:
         self._exits = 0  # managed-process exits seen; a probe started before one proves nothing
         self._down = False
         self._rooms_lost = False  # this outage was reported with rooms_lost=True
+        self._wake = asyncio.Event()
 
     @property
     def down(self) -> bool:
@@ -114,12 +116,16 @@ class LiveKitWatch:
                 if self._exits == exits_before:
                     self._back()
             pause = min(self._interval, RECOVERY_PROBE_INTERVAL) if self._down else self._interval
-            await asyncio.sleep(pause)
+            with suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self._wake.wait()  # an exit cuts the pause short: recovery is watched
+            self._wake.clear()
 
     def _process_exited(self, returncode: int | None) -> None:
         if self._closed:
             return
         self._exits += 1
+        self._wake.set()
         how = "is not running" if returncode is None else f"exited with code {returncode}"
         self._lost(f"managed livekit-server {how}; restarting", rooms_lost=True)
 
