@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 from contextlib import AsyncExitStack
+from typing import Any
 
 import aiohttp
 

@@ -6,6 +6,7 @@ child; it posts webhooks to a fixed port, where each test's manager listens in t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -201,3 +202,54 @@ async def livekit_api(livekit: LiveKitUnderTest) -> AsyncIterator[api.LiveKitAPI
 async def room_names(livekit_api: api.LiveKitAPI) -> set[str]:
     response = await livekit_api.room.list_rooms(api.ListRoomsRequest())
     return {room.name for room in response.rooms}
+
+
+# ------------------------------------------------------------------- nothing left running
+
+# What the suite starts as processes: a run must end with none of them alive.
+OUR_PROCESSES = ("livekit-server", "session_manager", "session-manager", "pong.py", "agent")
+
+
+def _our_survivors() -> dict[int, str]:
+    """Processes of the kinds the suite starts still alive (not zombies) in this PID
+    namespace, other than this pytest process and its ancestors."""
+    spared = {os.getpid()}
+    pid = os.getpid()
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        spared.add(pid)
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in spared:
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if state != "Z" and any(name in command for name in OUR_PROCESSES):
+            found[int(entry.name)] = command.strip()
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite ends by checking that no manager, LiveKit or service it started is still
+    alive (only inside the private namespace, where every process is the run's own)."""
+    if os.environ.get(NETNS_ENV) != "1":
+        return
+    survivors = _our_survivors()
+    deadline = time.monotonic() + 5  # children told to stop may still be on their way out
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.1)
+        survivors = _our_survivors()
+    if not survivors:
+        return
+    for pid, command in survivors.items():
+        sys.stderr.write(f"left running by the test run: pid {pid}: {command}\n")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

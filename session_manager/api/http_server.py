@@ -27,15 +27,18 @@ from session_manager.api.errors import envelope
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_LINE: Final = 8192
-"""Longest URL (path and query) of a request, in bytes; longer is 414. (aiohttp's pure-Python
-parser, used only without its C extension, counts the whole request line.)"""
+"""A request line (`GET <url> HTTP/1.1`) of this many bytes is accepted; a URL longer than this
+is 414. (llhttp, aiohttp's C parser, measures the URL; its pure-Python parser, used only without
+the C extension, the whole line.)"""
 
 MAX_HEADER_FIELD: Final = 8190
-"""Longest header field, name and value together, in bytes; longer is 431. Kept different from
-MAX_REQUEST_LINE: the C parser reports which of the two limits a too-long line passed."""
+"""A header line (`Name: value`) of this many bytes is accepted; a name or a value longer than
+this is 431. (llhttp measures name and value apart, the Python parser the whole line.) Kept
+different from MAX_REQUEST_LINE: llhttp's error says which of the two limits a line passed."""
 
 MAX_HEADERS: Final = 128
-"""Most header fields in a request; more is 431."""
+"""More header fields than this is 431. (aiohttp's pure-Python parser counts the request line
+and the blank line after the headers too: with it, 126 fields fit.)"""
 
 HTTP_LIMITS: Final[dict[str, Any]] = {
     "max_line_size": MAX_REQUEST_LINE,
