@@ -1,7 +1,7 @@
 """Builds the manager's long-lived parts in named stages and tears them down in reverse.
 
 store -> events -> retention -> registry -> LiveKit (managed child or external) and gateway ->
-microservice client -> sessions (the supervisor) -> health monitor. Each teardown stage has its
+microservice client -> sessions (the supervisor) -> LiveKit watch -> health monitor. Each teardown stage has its
 own timeout and its own error handling, so one stuck stage is logged and the next one still runs.
 """
 

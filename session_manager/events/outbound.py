@@ -40,6 +40,7 @@ from session_manager.events.signing import (
     TIMESTAMP_HEADER,
     sign,
 )
+from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +267,20 @@ class OutboundWebhooks:
         )
         for index, queue in enumerate(self._queues):
             for worker in range(self._policy.concurrency):
-                task = asyncio.create_task(
-                    self._work(queue), name=f"webhook-{index}-worker-{worker}"
-                )
-                self._workers.add(task)
-                task.add_done_callback(self._workers.discard)
+                self._start_worker(queue, f"webhook-{index}-worker-{worker}")
+
+    def _start_worker(self, queue: _TargetQueue, name: str) -> None:
+        """A worker is watched: one that dies (a bug) is logged and replaced at once, so a
+        target never silently loses its delivery."""
+        task = asyncio.create_task(self._work(queue), name=name)
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+        def replace_worker(_: BaseException | None) -> None:
+            if not self._closed and self._accepting:
+                self._start_worker(queue, name)
+
+        watch(task, replace_worker)
 
     def offer(self, event: Event) -> None:
         """Queue `event` for every target that wants it. Synchronous; never waits."""
@@ -301,11 +311,7 @@ class OutboundWebhooks:
             for handle in self._timers:
                 handle.cancel()
             self._timers.clear()
-            workers = list(self._workers)
-            for task in workers:
-                task.cancel()
-            if workers:
-                await asyncio.gather(*workers, return_exceptions=True)
+            await cancel_and_wait(list(self._workers), timeout)
             if self._http is not None:
                 await self._http.close()
             self._closed = True
@@ -326,29 +332,46 @@ class OutboundWebhooks:
             lane = queue.lanes.get(key)
             if lane is None:  # abandoned at shutdown
                 continue
-            event = lane.events[0]
-            lane.attempts += 1
-            result = await self._attempt(queue.target, event, lane.attempts)
-            if queue.lanes.get(key) is not lane:  # abandoned while in flight
-                continue
-            if result.ok:
-                queue.stats.delivered += 1
-            elif result.retry and lane.attempts < self._policy.max_attempts:
-                queue.stats.retried += 1
-                delay = self._policy.backoff(lane.attempts, result.retry_after)
-                log.debug(
-                    "webhook attempt failed, retrying",
-                    extra=_extra(queue, event, attempts=lane.attempts, error=result.error),
-                )
-                self._retry_later(queue, key, delay)
-                continue
-            else:
-                queue.stats.failed += 1
-                log.warning(
-                    "webhook delivery failed",
-                    extra=_extra(queue, event, attempts=lane.attempts, error=result.error),
-                )
-            queue.finish_head(key)
+            try:
+                await self._deliver_head(queue, key, lane)
+            except Exception:
+                # A bug in the bookkeeping: the lane goes back to be tried again, the worker on.
+                log.exception("webhook worker failed", extra={"target": queue.target.origin})
+                self._requeue(queue, key, lane)
+            except BaseException:
+                self._requeue(queue, key, lane)  # not lost with this worker: its successor has it
+                raise
+
+    @staticmethod
+    def _requeue(queue: _TargetQueue, key: LaneKey, lane: _Lane) -> None:
+        if queue.lanes.get(key) is lane:
+            queue.ready.put_nowait(key)
+
+    async def _deliver_head(self, queue: _TargetQueue, key: LaneKey, lane: _Lane) -> None:
+        """One attempt at the lane's first event, then what follows from its result."""
+        event = lane.events[0]
+        lane.attempts += 1
+        result = await self._attempt(queue.target, event, lane.attempts)
+        if queue.lanes.get(key) is not lane:  # abandoned while in flight
+            return
+        if result.ok:
+            queue.stats.delivered += 1
+        elif result.retry and lane.attempts < self._policy.max_attempts:
+            queue.stats.retried += 1
+            delay = self._policy.backoff(lane.attempts, result.retry_after)
+            log.debug(
+                "webhook attempt failed, retrying",
+                extra=_extra(queue, event, attempts=lane.attempts, error=result.error),
+            )
+            self._retry_later(queue, key, delay)
+            return
+        else:
+            queue.stats.failed += 1
+            log.warning(
+                "webhook delivery failed",
+                extra=_extra(queue, event, attempts=lane.attempts, error=result.error),
+            )
+        queue.finish_head(key)
 
     def _retry_later(self, queue: _TargetQueue, key: LaneKey, delay: float) -> None:
         loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 import pytest
@@ -390,3 +390,34 @@ def test_verify_signature_accepts_the_real_one_and_nothing_else() -> None:
     assert verify_signature(SECRET, now, body, header, tolerance=None, now=now + 10_000)
     assert verify_signature(SECRET, now, body, f"sha256=00ff, {header}", now=now)  # rotation
     assert not verify_signature(SECRET, "soon", body, header, now=now)
+
+
+class WorkerKiller(BaseException):
+    """Gets past every `except Exception`: the worker task itself dies."""
+
+
+async def test_a_worker_that_dies_is_replaced_and_its_event_still_delivered(
+    receiver: Receiver, make_webhooks: Callable[..., Awaitable[OutboundWebhooks]]
+) -> None:
+    webhooks = await make_webhooks(
+        WebhookTarget(receiver.url), policy=replace(FAST, concurrency=1)
+    )
+    real = webhooks._deliver_head
+    failures = [WorkerKiller(), RuntimeError("bookkeeping bug")]
+
+    async def failing_first(*args: object) -> None:
+        if failures:
+            raise failures.pop(0)
+        await real(*args)  # type: ignore[arg-type]
+
+    webhooks._deliver_head = failing_first  # type: ignore[method-assign]
+    log = EventLog(100, first_id=1)
+    log.add_listener(webhooks.offer)
+    first = log.append(T.SESSION_CREATED, session_id="a", data={})
+    second = log.append(T.SESSION_READY, session_id="a", data={})
+
+    # The first event's worker died outright, and the lane then hit a bug once: both events
+    # still arrive, in order, exactly once each.
+    await eventually(lambda: len(receiver.accepted) == 2)
+    assert [d.event_id for d in receiver.accepted] == [first.id, second.id]
+    assert len(webhooks._workers) == 1
