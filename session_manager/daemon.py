@@ -1,8 +1,9 @@
 """Builds the manager's long-lived parts in named stages and tears them down in reverse.
 
 store -> events -> retention -> registry -> LiveKit (managed child or external) and gateway ->
-microservice client -> sessions (the supervisor) -> LiveKit watch -> health monitor. Each teardown stage has its
-own timeout and its own error handling, so one stuck stage is logged and the next one still runs.
+microservice client -> sessions (the supervisor) -> LiveKit watch -> health monitor. Each teardown
+stage has its own timeout and its own error handling, so one stuck stage is logged and the next
+one still runs.
 """
 
 from __future__ import annotations
