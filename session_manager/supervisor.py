@@ -64,7 +64,7 @@ from session_manager.livekit.webhooks import RoomEvent
 from session_manager.registry import Registry, ServiceRecord
 from session_manager.registry.health import HealthResults
 from session_manager.registry.registry import ServiceStatus
-from session_manager.session.actor import SessionActor, SessionDeps
+from session_manager.session.actor import SessionActor, SessionDeps, mint_client_token
 from session_manager.session.messages import (
     AddService,
     InstanceLost,
@@ -555,7 +555,7 @@ class Supervisor:
                     settle(waiter, error=_as_store_error(error))
             elif stored is not None and time.time() - stored["created_at"] < self._idempotency_ttl:
                 del self._pending_creates[key]
-                created = SessionCreated(**stored["response"])
+                created = self._replayed(stored["response"], pending.spec)
                 for waiter in pending.waiters:
                     if stored["body_hash"] == pending.body_hash:
                         settle(waiter, created)
@@ -591,17 +591,31 @@ class Supervisor:
             if outcome.exception() is not None:
                 del self._pending_creates[key]  # a failed create may be tried again
                 return
-            # Retries keep getting this answer from memory until it is stored.
+            # Retries keep getting this answer from memory until it is stored. What is stored
+            # keeps no token: a replay mints a fresh one for the same identity and room.
+            response = {k: v for k, v in outcome.result().__dict__.items() if k != "access_token"}
             entry = {
                 "body_hash": pending.body_hash,
                 "created_at": time.time(),
-                "response": outcome.result().__dict__,  # includes the token: same answer
+                "response": response,
             }
             self._offload(
                 self._store.save_idempotency(key, entry), then=lambda _: self._forget_pending(key)
             )
 
         return finish
+
+    def _replayed(self, response: JsonDict, spec: NewSession) -> SessionCreated:
+        """The stored answer to a create, with a fresh client token (none is stored)."""
+        record = SessionRecord(
+            session_id=response["session_id"],
+            room_name=response["room_name"],
+            user_identity=spec.user_identity,
+            user_name=spec.user_name,
+            metadata=spec.metadata,
+        )
+        token = mint_client_token(self._deps, record)
+        return SessionCreated(**{**response, "access_token": token})
 
     def _forget_pending(self, key: str) -> None:
         self._pending_creates.pop(key, None)

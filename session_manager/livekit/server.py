@@ -53,6 +53,24 @@ def die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+WORKDIR_PREFIX = "session-manager-livekit-"  # + the manager's pid + "-" + random
+
+
+def remove_stale_workdirs(tmp: Path | None = None) -> list[Path]:
+    """A manager killed outright cannot remove its LiveKit config file, which holds the API
+    secret: remove those whose manager (the pid in the folder's name) is gone."""
+    removed = []
+    for folder in (tmp or Path(tempfile.gettempdir())).glob(f"{WORKDIR_PREFIX}*"):
+        owner = folder.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and Path(f"/proc/{owner}").exists():
+            continue  # a live manager's (on a shared /tmp, maybe another one's)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        log.info("removed LiveKit config left by a killed manager", extra={"count": len(removed)})
+    return removed
+
+
 class LiveKitServerError(StartupFailed):
     """The managed livekit-server could not be found or started."""
 
@@ -191,10 +209,12 @@ class ManagedLiveKitServer:
 
     async def start(self, *, timeout: float) -> None:
         self._start_timeout = timeout
-        self._workdir = tempfile.TemporaryDirectory(prefix="session-manager-livekit-")
+        remove_stale_workdirs()
+        self._workdir = tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
         self._config_path = Path(self._workdir.name) / "livekit.yaml"
+        # Created 0600 before the secret is written into it.
+        self._config_path.touch(mode=0o600)
         self._config_path.write_text(self.config.render(), encoding="utf-8")
-        self._config_path.chmod(0o600)
         log.info(
             "starting managed livekit-server",
             extra={"binary": self.config.binary, "url": self.config.url},

@@ -102,6 +102,27 @@ def duration_limit(metadata: JsonDict) -> float | None:
     return float(value) if value is not None else None
 
 
+def token_ttl(deps: SessionDeps, metadata: JsonDict) -> timedelta:
+    """How long the tokens of a session live: its duration limit plus the time to join and a
+    margin for reconnecting, or `client_token_ttl` for a session without a limit."""
+    limit = duration_limit(metadata)
+    if limit is None:
+        return timedelta(seconds=deps.client_token_ttl)
+    return timedelta(seconds=limit + deps.join_timeout) + TOKEN_MARGIN
+
+
+def mint_client_token(deps: SessionDeps, record: SessionRecord) -> str:
+    """The user's token for the session's room. Minted again (never stored) when an
+    Idempotency-Key replay answers with the session it created."""
+    return deps.gateway.mint_token(
+        identity=record.user_identity,
+        name=record.user_name,
+        room_name=record.room_name,
+        ttl=token_ttl(deps, record.metadata),
+        attributes={ROLE_ATTRIBUTE: ROLE_CLIENT, SESSION_ATTRIBUTE: record.session_id},
+    )
+
+
 class SessionActor:
     def __init__(
         self, record: SessionRecord, deps: SessionDeps, publish: Callable[[JsonDict], None]
@@ -115,7 +136,7 @@ class SessionActor:
         self._create_reply: asyncio.Future[SessionCreated] | None = None
         self._options = CreateOptions()
         self._client_token = ""
-        self._token_ttl = timedelta(seconds=deps.client_token_ttl)
+        self._token_ttl = token_ttl(deps, record.metadata)
         # requirement -> the instance its join-room call in flight went to, and that call
         self._dispatching: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._rule: Rule | None = None  # the table's rule of the message being handled
@@ -261,16 +282,9 @@ class SessionActor:
 
         limit = duration_limit(record.metadata)
         if limit is not None:
-            self._token_ttl = timedelta(seconds=limit + self._deps.join_timeout) + TOKEN_MARGIN
             self._start_timer(DurationLimitReached, limit)
         self._start_timer(ClientJoinDeadlinePassed, self._deps.client_join_timeout)
-        self._client_token = self._deps.gateway.mint_token(
-            identity=record.user_identity,
-            name=record.user_name,
-            room_name=record.room_name,
-            ttl=self._token_ttl,
-            attributes={ROLE_ATTRIBUTE: ROLE_CLIENT, SESSION_ATTRIBUTE: record.session_id},
-        )
+        self._client_token = mint_client_token(self._deps, record)
         if not record.services:
             self._set_status(S.READY)
             self._answer_creator()

@@ -130,6 +130,9 @@ class SqliteStore:
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        # Registrations hold signing secrets: only the manager's user may read the file.
+        self._path.touch(mode=0o600)
+        self._path.chmod(0o600)
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
