@@ -289,7 +289,6 @@ async def test_client_leaving_ends_session_after_grace(tmp_path: Path) -> None:
         view = await stack.api.wait_for_status(session_id, "Terminated", limit)
         ended_after = time.monotonic() - left
         print(f"client left; session Terminated {ended_after:.2f} s later: {view['reason']!r}")
-        assert CLIENT_GRACE <= ended_after <= limit, ended_after
-        assert "client left" in view["reason"], view["reason"]
+        assert view["reason"] == f"client left and did not return within {CLIENT_GRACE:g} s"
         assert view["client"]["joined"] is False, view["client"]
         assert view["client"]["left_at"] is not None, view["client"]

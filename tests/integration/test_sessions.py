@@ -6,12 +6,14 @@ import asyncio
 import uuid
 from typing import Any
 
+import jwt
 import pytest
 from livekit import api
 
 from examples.pong.pong import PongHandler
 from session_manager.sdk import MicroserviceRunner
-from tests.conftest import LiveKitUnderTest, room_names
+from session_manager.session.actor import TOKEN_MARGIN
+from tests.conftest import FAST_SETTINGS, LiveKitUnderTest, room_names
 from tests.fake_services import (
     ScriptedService,
     accept_without_joining,
@@ -19,6 +21,8 @@ from tests.fake_services import (
     register,
     wait_for_status,
 )
+
+pytestmark = pytest.mark.integration
 
 JOIN_TIMEOUT_MESSAGE = "Timeout waiting for microservices to join"
 
@@ -80,6 +84,13 @@ async def test_custom_room_name_and_duration_limit_shape_room_and_token(
     view = await (await manager.get(f"/api/v1/sessions/{body['session_id']}")).json()
     assert view["metadata"]["purpose"] == "语音助手对话"
     assert token.video is not None and token.video.room == room
+
+    # The client's token lasts the whole session: the limit, plus join_timeout for the
+    # services to come in, plus the margin for joining late and reconnecting; not the default
+    # client_token_ttl (6 h, shorter than this session may run).
+    claims = jwt.decode(body["access_token"], livekit.api_secret, algorithms=["HS256"])
+    lifetime = 36000 + FAST_SETTINGS["join_timeout"] + TOKEN_MARGIN.total_seconds()
+    assert claims["exp"] - claims["nbf"] == lifetime
 
     again = await manager.post(
         "/api/v1/create-session", json={"user_identity": "other", "room_name": room}
@@ -274,7 +285,9 @@ async def test_registrations_survive_a_restart(start_manager: Any, manager: Any)
         json={"service_id": "durable-1", "endpoint": "http://127.0.0.1:9"},
     )
     assert response.status == 400
-    assert (await response.json())["message"] == "Service ID already exists"
+    body = await response.json()
+    assert_envelope(body, "InvalidRequest")
+    assert body["message"] == "Service ID already exists"
 
 
 @pytest.mark.parametrize("count", [20])

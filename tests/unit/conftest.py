@@ -42,7 +42,7 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
         supervisor = Supervisor(registry, store, SessionDeps(**values), events=events)
         await supervisor.start()
         started.append(supervisor)
-        return Harness(supervisor, gateway, microservices, registry, events)
+        return Harness(supervisor, gateway, microservices, registry, events, store=store)
 
     yield make
     for supervisor in started:

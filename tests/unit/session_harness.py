@@ -9,8 +9,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from session_manager.commands import CreateSession, GetSession, LiveKitEvent, NewSession
+from session_manager.commands import (
+    CreateSession,
+    GetSession,
+    LiveKitEvent,
+    NewSession,
+    RemoveSessionService,
+)
 from session_manager.dispatch import DispatchOutcome, JoinRoomRequest
+from session_manager.errors import Conflict, NotFound, SessionGone
 from session_manager.events import EventLog
 from session_manager.livekit.gateway import LiveKitEndpoint
 from session_manager.livekit.webhooks import (
@@ -22,9 +29,11 @@ from session_manager.livekit.webhooks import (
 from session_manager.registry import Registry
 from session_manager.session.messages import CreateOptions, SessionCreated
 from session_manager.session.states import SessionStatus
+from session_manager.store import MemoryStore
 from session_manager.supervisor import Supervisor
 
 S = SessionStatus
+NO_SUCH_SERVICE = "no-such-service"  # what `Harness.inbox_handled` asks a session to remove
 
 
 @dataclass
@@ -90,6 +99,7 @@ class Harness:
     microservices: FakeMicroservices
     registry: Registry
     events: EventLog
+    store: MemoryStore | None = None  # the supervisor's store: what it holds after a shutdown
 
     async def create(
         self, *, idempotency_key: str | None = None, body_hash: str = "", **spec: Any
@@ -166,3 +176,26 @@ class Harness:
                 return view
             await asyncio.sleep(0.01)
         raise AssertionError(f"condition never met: {view}")
+
+    async def inbox_handled(self, session_id: str) -> None:
+        """Return once the session's actor has handled every message sent to it before this
+        call (webhooks, health results, timers that fired). A request that changes nothing,
+        removing a service the session does not have, goes through the supervisor's inbox and
+        then the actor's behind them; the actor handles its inbox in order, so its answer
+        proves that whatever those earlier messages were going to do, they have done."""
+        try:
+            await self.supervisor.ask(
+                lambda r: RemoveSessionService(session_id, NO_SUCH_SERVICE, r)
+            )
+        except (NotFound, Conflict, SessionGone):
+            return  # the answer expected: nothing to remove (or the session has ended)
+        raise AssertionError(f"session {session_id} removed {NO_SUCH_SERVICE!r}")
+
+    async def eventually(self, condition: Callable[[], bool], what: str) -> None:
+        """Poll state a fake records but nothing signals (say, a leave-room call made by a
+        task the actor spawned); fail naming `what` if it never holds."""
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never happened: {what}")

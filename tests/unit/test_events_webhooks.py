@@ -162,12 +162,14 @@ async def test_a_receiver_that_fails_twice_gets_every_event_once_signed_in_order
         return 500 if len(receiver.requests) <= 2 else 200
 
     receiver.answer = fail_twice
-    webhooks = await make_webhooks(WebhookTarget(receiver.url))
+    target = WebhookTarget(receiver.url)
+    webhooks = await make_webhooks(target)
     log = EventLog(first_id=1)
     log.add_listener(webhooks.offer)
 
     events = interleaved_sessions(log)
-    await eventually(lambda: len(receiver.accepted) == len(events))
+    # The sender counts a delivery once it has read the answer, after the receiver sent it.
+    await eventually(lambda: webhooks.stats()[target].delivered == len(events))
 
     accepted = receiver.accepted
     assert sorted(delivery.event_id for delivery in accepted) == [event.id for event in events]
@@ -182,7 +184,7 @@ async def test_a_receiver_that_fails_twice_gets_every_event_once_signed_in_order
         assert tried == sorted(tried)
         delivered = [d.event_id for d in accepted if d.event["session_id"] == session]
         assert delivered == [event.id for event in events if event.session_id == session]
-    stats = webhooks.stats()[WebhookTarget(receiver.url)]
+    stats = webhooks.stats()[target]
     assert (stats.delivered, stats.retried, stats.failed, stats.dropped) == (10, 2, 0, 0)
     assert stats.queued == 0
 
@@ -196,14 +198,16 @@ async def test_an_event_is_given_up_after_max_attempts_and_the_next_one_still_go
         return 503 if delivery.event_id == 1 else 200
 
     receiver.answer = refuse_the_first
-    webhooks = await make_webhooks(WebhookTarget(receiver.url))
+    target = WebhookTarget(receiver.url)
+    webhooks = await make_webhooks(target)
     log.add_listener(webhooks.offer)
     log.append(T.SESSION_CREATED, session_id="s")
     log.append(T.SESSION_READY, session_id="s")
 
-    await eventually(lambda: len(receiver.accepted) == 1)
+    # Both events have an outcome in the sender's books: nothing more will be sent for them.
+    await eventually(lambda: webhooks.stats()[target].delivered == 1)
     assert [d.event_id for d in receiver.requests] == [1, 1, 1, 1, 2]
-    stats = webhooks.stats()[WebhookTarget(receiver.url)]
+    stats = webhooks.stats()[target]
     assert (stats.delivered, stats.failed, stats.retried) == (1, 1, 3)
 
 
@@ -216,14 +220,20 @@ async def test_a_client_error_is_final_and_429_is_retried(
         return answers[delivery.event_id].pop(0)
 
     receiver.answer = scripted
-    webhooks = await make_webhooks(WebhookTarget(receiver.url))
+    target = WebhookTarget(receiver.url)
+    webhooks = await make_webhooks(target)
     webhooks.offer(Event(1, T.SESSION_CREATED, "2024-01-01T00:00:00.000Z", session_id="x"))
     webhooks.offer(Event(2, T.SESSION_CREATED, "2024-01-01T00:00:00.000Z", session_id="y"))
 
-    await eventually(lambda: len(receiver.accepted) == 1)
-    await asyncio.sleep(0.1)
+    # Wait until the sender is done with both events (one delivered, one given up): any retry
+    # of the 400 would have been sent by then. Had the 400 been retried, event 1 would be
+    # given up only after max_attempts requests.
+    await eventually(
+        lambda: webhooks.stats()[target].delivered + webhooks.stats()[target].failed == 2
+    )
     assert sorted(d.event_id for d in receiver.requests) == [1, 2, 2]
-    stats = webhooks.stats()[WebhookTarget(receiver.url)]
+    assert [d.status for d in receiver.requests if d.event_id == 1] == [400]
+    stats = webhooks.stats()[target]
     assert (stats.delivered, stats.failed, stats.retried) == (1, 1, 1)
 
 
@@ -309,26 +319,35 @@ async def test_aclose_delivers_what_is_queued_before_returning(
 async def test_aclose_gives_up_after_its_timeout_and_leaves_no_task_behind(
     receiver: Receiver,
 ) -> None:
-    async def hang(delivery: Delivery) -> int:
-        await asyncio.sleep(30)
+    release = asyncio.Event()
+    answered: list[int] = []
+
+    async def hold(delivery: Delivery) -> int:
+        await release.wait()
+        answered.append(delivery.event_id)
         return 200
 
-    receiver.answer = hang
+    receiver.answer = hold
     target = WebhookTarget(receiver.url)
-    webhooks = OutboundWebhooks([target], SECRET, FAST)
+    # No attempt can end by itself (the receiver holds it, the request timeout is far off):
+    # only aclose's own timeout can end its wait for the queue to drain.
+    webhooks = OutboundWebhooks([target], SECRET, replace(FAST, timeout=600.0))
     await webhooks.start()
     for n in range(3):
         webhooks.offer(Event(n + 1, T.CLIENT_JOINED, "2024-01-01T00:00:00.000Z", session_id="s"))
     await eventually(lambda: len(receiver.requests) == 1)
 
-    started = time.monotonic()
-    await webhooks.aclose(timeout=0.2)
+    # A hang guard, not a measure: an aclose that waited for the held delivery never returns.
+    await asyncio.wait_for(webhooks.aclose(timeout=0.2), 60)
 
-    assert time.monotonic() - started < 2.0
+    assert answered == []  # returned while the first delivery was still held
     stats = webhooks.stats()[target]
-    assert (stats.delivered, stats.dropped, stats.queued) == (0, 3, 0)
+    assert (stats.delivered, stats.failed, stats.retried) == (0, 0, 0)
+    assert (stats.dropped, stats.queued) == (3, 0)
+    assert len(receiver.requests) == 1  # the other two were never sent
     leftovers = [task for task in asyncio.all_tasks() if task.get_name().startswith("webhook-")]
     assert leftovers == []
+    release.set()
 
 
 async def test_no_targets_means_nothing_to_start_and_no_secret_needed() -> None:
@@ -399,9 +418,7 @@ class WorkerKiller(BaseException):
 async def test_a_worker_that_dies_is_replaced_and_its_event_still_delivered(
     receiver: Receiver, make_webhooks: Callable[..., Awaitable[OutboundWebhooks]]
 ) -> None:
-    webhooks = await make_webhooks(
-        WebhookTarget(receiver.url), policy=replace(FAST, concurrency=1)
-    )
+    webhooks = await make_webhooks(WebhookTarget(receiver.url), policy=replace(FAST, concurrency=1))
     real = webhooks._deliver_head
     failures = [WorkerKiller(), RuntimeError("bookkeeping bug")]
 

@@ -28,9 +28,7 @@ DOWN = DispatchOutcome(False, 2, error="join-room failed: ClientConnectorError")
 
 async def register_pongs(harness: Harness, *ids: str, **metadata: Any) -> None:
     for service_id in ids:
-        harness.registry.register(
-            service_id, f"http://{service_id}", {"type": "PONG", **metadata}
-        )
+        harness.registry.register(service_id, f"http://{service_id}", {"type": "PONG", **metadata})
 
 
 def service_of(view: dict[str, Any], requirement: str = "type:PONG") -> dict[str, Any]:
@@ -65,10 +63,10 @@ async def test_capacity_comes_back_when_a_session_ends(harness: Harness) -> None
     await register_pongs(harness, "pong-a", max_sessions=1)
     first = await harness.create(required_services=["type:PONG"])
     await harness.ask(lambda r: DeleteSession(first.session_id, r))
-    for _ in range(100):  # the supervisor reaps the actor, then the slot is free again
-        if not harness.registry.get("pong-a").sessions:
-            break
-        await asyncio.sleep(0.01)
+    # the supervisor reaps the actor, then the slot is free again
+    await harness.eventually(
+        lambda: not harness.registry.get("pong-a").sessions, "pong-a's slot given back"
+    )
     second = await harness.create(required_services=["type:PONG"])
     assert second.session_id != first.session_id
 
@@ -184,8 +182,10 @@ async def test_services_added_and_removed_at_run_time(harness: Harness) -> None:
     view = await harness.ask(lambda r: RemoveSessionService(created.session_id, "asr", r))
     assert [s["service_id"] for s in view["services"]] == [added]
     assert view["status"] == "Ready"  # what is left has all joined
-    await asyncio.sleep(0.05)
-    assert ("http://asr", created.session_id) in harness.microservices.left
+    await harness.eventually(
+        lambda: ("http://asr", created.session_id) in harness.microservices.left,
+        "leave-room sent to the removed asr",
+    )
     with pytest.raises(NotFound):
         await harness.ask(lambda r: RemoveSessionService(created.session_id, "asr", r))
 
@@ -205,35 +205,71 @@ async def test_delete_sends_services_away_and_is_idempotent(harness: Harness) ->
         await harness.ask(lambda r: DeleteSession("no-such-session", r))
 
 
-async def test_duration_limit_ends_the_session(harness: Harness) -> None:
-    created = await harness.create(required_services=[], metadata={"duration_limit": 0.2})
+# The session timers run on the event loop's clock (`loop.call_later`): the tests below run on
+# looptime's virtual clock, which moves on only when nothing else in the loop can run. Every
+# message already sent has been handled before a timer fires, and a test's `sleep(n)` returns
+# exactly n seconds of that clock later, with every timer due by then fired and handled.
+
+
+@pytest.mark.looptime
+async def test_duration_limit_ends_the_session_when_it_runs_out(harness: Harness) -> None:
+    clock = asyncio.get_running_loop()
+    started = clock.time()
+    created = await harness.create(required_services=[], metadata={"duration_limit": 600})
+    harness.joined(created, "user123", ROLE_CLIENT)  # or client_join_timeout (300 s) ends it
+    await harness.until(created.session_id, S.ACTIVE)
+    await asyncio.sleep(599 - (clock.time() - started))
+    assert (await harness.view(created.session_id))["status"] == "Active"  # not a moment early
+
     view = await harness.until(created.session_id, S.TERMINATED)
-    assert view["reason"] == "duration limit of 0.2 s reached"
+    assert clock.time() - started >= 600
+    assert view["reason"] == "duration limit of 600 s reached"
+    assert harness.gateway.rooms == set()
 
 
+@pytest.mark.looptime
 async def test_client_that_never_joins_ends_the_session(make_harness: HarnessFactory) -> None:
-    harness = await make_harness(client_join_timeout=0.2)
+    harness = await make_harness(client_join_timeout=300)
+    clock = asyncio.get_running_loop()
+    started = clock.time()
     created = await harness.create(required_services=[])
+    await asyncio.sleep(299)
+    assert (await harness.view(created.session_id))["status"] == "Ready"
+
     view = await harness.until(created.session_id, S.TERMINATED)
-    assert view["reason"] == "client did not join within 0.2 s"
+    assert clock.time() - started >= 300
+    assert view["reason"] == "client did not join within 300 s"
 
 
+@pytest.mark.looptime
 async def test_client_who_comes_back_in_time_keeps_the_session(
     make_harness: HarnessFactory,
 ) -> None:
-    harness = await make_harness(client_reconnect_grace=0.3)
+    harness = await make_harness(client_reconnect_grace=60)
+    clock = asyncio.get_running_loop()
     created = await harness.create(required_services=[])
     harness.joined(created, "user123", ROLE_CLIENT)
     await harness.until(created.session_id, S.ACTIVE)
-    harness.left(created, "user123", ROLE_CLIENT)
-    await asyncio.sleep(0.1)
-    harness.joined(created, "user123", ROLE_CLIENT)
-    await asyncio.sleep(0.4)
-    assert (await harness.view(created.session_id))["status"] == "Active"
 
     harness.left(created, "user123", ROLE_CLIENT)
+    await harness.inbox_handled(created.session_id)
+    left = clock.time()  # the grace timer runs from here
+    await asyncio.sleep(30)
+    harness.joined(created, "user123", ROLE_CLIENT)
+    await harness.inbox_handled(created.session_id)
+    await asyncio.sleep(60)  # well past the first grace period
+    assert clock.time() - left > 60
+    view = await harness.view(created.session_id)
+    assert view["status"] == "Active" and view["client"]["joined"] is True
+
+    harness.left(created, "user123", ROLE_CLIENT)
+    await harness.inbox_handled(created.session_id)
+    left = clock.time()
+    await asyncio.sleep(59)
+    assert (await harness.view(created.session_id))["status"] == "Active"  # grace not over
     view = await harness.until(created.session_id, S.TERMINATED)
-    assert view["reason"] == "client left and did not return within 0.3 s"
+    assert clock.time() - left >= 60
+    assert view["reason"] == "client left and did not return within 60 s"
 
 
 # idempotency and listing -------------------------------------------------------------------
@@ -282,8 +318,10 @@ async def test_an_unhealthy_instance_is_replaced_at_once(harness: Harness) -> No
         created.session_id, lambda v: service_of(v)["service_id"] == other
     )
     assert view["status"] == "WaitingForServices"
-    await asyncio.sleep(0.05)
-    assert (f"http://{first}", created.session_id) in harness.microservices.left
+    await harness.eventually(
+        lambda: (f"http://{first}", created.session_id) in harness.microservices.left,
+        f"leave-room sent to the unhealthy {first}",
+    )
 
 
 async def test_an_unhealthy_instance_with_no_stand_in_is_kept(harness: Harness) -> None:
@@ -293,9 +331,16 @@ async def test_an_unhealthy_instance_with_no_stand_in_is_kept(harness: Harness) 
     await harness.until(created.session_id, S.READY)
     for _ in range(2):
         harness.supervisor.health_checked([("pong-a", "health check timed out")])
-    await asyncio.sleep(0.05)
+    # The supervisor told the session that pong-a was lost before this goes through its inbox.
+    await harness.inbox_handled(created.session_id)
+    assert harness.registry.get("pong-a").status.value == "Unhealthy"
     view = await harness.view(created.session_id)
-    assert view["status"] == "Ready" and service_of(view)["service_id"] == "pong-a"
+    assert view["status"] == "Ready"
+    slot = service_of(view)
+    assert (slot["service_id"], slot["state"], slot["redispatches"]) == ("pong-a", "joined", 0)
+    assert len(harness.microservices.requests) == 1  # nobody else was dispatched
+    assert harness.microservices.left == []  # and pong-a was not sent away
+    assert harness.registry.get("pong-a").sessions == {created.session_id}
 
 
 async def test_a_full_instance_may_take_its_own_session_back(harness: Harness) -> None:
@@ -309,12 +354,13 @@ async def test_a_full_instance_may_take_its_own_session_back(harness: Harness) -
     assert len(harness.microservices.requests) == 2
 
 
+@pytest.mark.looptime
 async def test_a_caller_may_wait_longer_than_join_timeout(make_harness: HarnessFactory) -> None:
-    harness = await make_harness(join_timeout=0.1)
+    harness = await make_harness(join_timeout=10)
     await register_pongs(harness, "pong-a")
 
     async def join_later() -> None:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(30)  # on the virtual clock: join_timeout has long run out
         [request] = harness.microservices.requests
         harness.webhook(
             "participant_joined", request.room_name, "pong-a", "service", request.session_id
@@ -322,7 +368,9 @@ async def test_a_caller_may_wait_longer_than_join_timeout(make_harness: HarnessF
 
     joiner = asyncio.create_task(join_later())
     created = await harness.create(
-        required_services=["type:PONG"], wait_until_ready=True, wait_timeout=2.0
+        required_services=["type:PONG"], wait_until_ready=True, wait_timeout=60
     )
     await joiner
     assert created.status == "Ready"
+    view = await harness.view(created.session_id)
+    assert view["status"] == "Ready" and service_of(view)["state"] == "joined"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -164,11 +163,11 @@ async def test_a_manager_that_does_not_answer_in_time_is_retried(serve_manager: 
     manager.delay_first = 2.0
     url = await serve_manager(manager)
 
-    started = time.monotonic()
     async with make_runner(url, request_timeout=0.2) as service:
+        # The first call was given up at 0.2 s (its answer would have come only after 2 s and
+        # registered it with one call): the second one registered it.
         assert service.registered
         assert len(manager.bodies) == 2
-        assert time.monotonic() - started < 1.5
 
 
 async def test_already_registered_refreshes_the_registration(serve_manager: Any) -> None:

@@ -3,10 +3,9 @@ microservices replaced by in-memory fakes (the real ones are in tests/integratio
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
+from session_manager.commands import ListSessions
 from session_manager.dispatch import DispatchOutcome
 from session_manager.errors import (
     LiveKitUnavailable,
@@ -18,6 +17,7 @@ from session_manager.livekit.webhooks import (
     ROLE_CLIENT,
     ROLE_SERVICE,
 )
+from session_manager.session.actor import TOKEN_MARGIN
 from session_manager.session.states import (
     TRANSITIONS,
     IllegalTransition,
@@ -74,10 +74,14 @@ async def test_a_participant_without_our_attributes_is_not_taken_for_a_service(
     # Same identity, but not a token we minted for this session: no guessing from names.
     harness.webhook("participant_joined", created.room_name, "asr")
     harness.webhook("participant_joined", created.room_name, "asr", ROLE_SERVICE, "other-session")
-    await asyncio.sleep(0.05)
+    await harness.inbox_handled(created.session_id)  # both webhooks have been acted on
     view = await harness.view(created.session_id)
     assert view["status"] == "WaitingForServices"
     assert view["services"][0]["state"] == "dispatched"
+    # The same identity with our attributes is the service: the check above could have failed.
+    harness.joined(created, "asr")
+    view = await harness.until(created.session_id, S.READY)
+    assert view["services"][0]["state"] == "joined"
 
 
 async def test_dispatch_failure_ends_the_session_and_deletes_the_room(harness: Harness) -> None:
@@ -108,8 +112,18 @@ async def test_waiting_caller_gets_timeout_and_session_is_cleaned_up(harness: Ha
 
 async def test_livekit_down_fails_the_create_and_terminates(harness: Harness) -> None:
     harness.gateway.fail_create = LiveKitUnavailable("LiveKit is unreachable")
-    with pytest.raises(LiveKitUnavailable):
-        await harness.create()
+    with pytest.raises(LiveKitUnavailable, match="LiveKit is unreachable"):
+        await harness.create(required_services=[])
+    [view] = await harness.ask(lambda r: ListSessions(None, None, 10, None, r))
+    assert view["status"] == "Terminated"
+    assert view["reason"] == "LiveKit room could not be created: LiveKit is unreachable"
+    assert view["terminated_at"] is not None
+    # The room is deleted all the same, in case LiveKit made it before the error came back.
+    assert harness.gateway.deleted == [view["room_name"]]
+    assert harness.gateway.rooms == set()
+    [ended] = harness.events.since(0, types=["SessionTerminated"]).events
+    assert ended.session_id == view["session_id"]
+    assert ended.data == {"reason": view["reason"]}
 
 
 async def test_a_crashing_actor_ends_its_session_and_the_rest_carry_on(harness: Harness) -> None:
@@ -133,13 +147,39 @@ async def test_room_finished_terminates_with_reason(harness: Harness) -> None:
     assert view["reason"] == "LiveKit room finished"
 
 
-async def test_shutdown_terminates_live_sessions(harness: Harness) -> None:
-    created = await harness.create(required_services=[])
+async def test_shutdown_sends_services_away_deletes_rooms_and_ends_sessions_with_a_reason(
+    harness: Harness,
+) -> None:
+    harness.registry.register("asr", "http://asr", {"type": "ASR"})
+    harness.registry.register("tts", "http://tts", {"type": "TTS"})
+    no_services = await harness.create(required_services=[])
+    joined = await harness.create(required_services=["asr"])
+    harness.joined(joined, "asr")
+    await harness.until(joined.session_id, S.READY)
+    waiting = await harness.create(required_services=["tts"])  # dispatched, not in the room
+    sessions = (no_services, joined, waiting)
+
     await harness.supervisor.aclose(timeout=2)
-    assert created.room_name in harness.gateway.deleted
+
+    assert harness.store is not None
+    for created in sessions:
+        stored = await harness.store.get_session(created.session_id)
+        assert stored is not None
+        assert stored["status"] == "Terminated", stored
+        assert stored["reason"] == "manager shutting down"
+        assert stored["terminated_at"] is not None
+    assert sorted(harness.microservices.left) == sorted(
+        [("http://asr", joined.session_id), ("http://tts", waiting.session_id)]
+    )
+    assert sorted(harness.gateway.deleted) == sorted(c.room_name for c in sessions)
+    assert harness.gateway.rooms == set()
+    ended = harness.events.since(0, types=["SessionTerminated"]).events
+    assert sorted(e.session_id or "" for e in ended) == sorted(c.session_id for c in sessions)
+    assert {e.data["reason"] for e in ended} == {"manager shutting down"}
 
 
 async def test_token_ttl_covers_duration_limit(harness: Harness) -> None:
     created = await harness.create(required_services=[], metadata={"duration_limit": "36000"})
     ttl_seconds = int(created.access_token.rsplit(":", 1)[1])
-    assert ttl_seconds >= 36000
+    # the limit, the join timeout (5 s in the harness) and the margin for joining late
+    assert ttl_seconds == 36000 + 5 + TOKEN_MARGIN.total_seconds()
