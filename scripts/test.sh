@@ -8,4 +8,5 @@ bash "$root/scripts/bootstrap.sh"
 cd "$root"
 # The livekit realtime SDK's native side may print a line of its own at interpreter exit, after
 # pytest's summary; it says nothing about the tests, so it is kept out of the output's last line.
-bash scripts/netns-run.sh .venv/bin/python -m pytest "$@" 2>&1 | grep -v --line-buffered '^livekit_ffi::'
+# (-a: output that is not UTF-8 is still text, not a "binary file" that hides the summary.)
+bash scripts/netns-run.sh .venv/bin/python -m pytest "$@" 2>&1 | grep -a -v --line-buffered '^livekit_ffi::'

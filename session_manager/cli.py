@@ -94,9 +94,10 @@ EXIT_FATAL = 70  # EX_SOFTWARE: a core loop died; the process manager should res
 async def serve(app: web.Application, sock: socket.socket, settings: Settings) -> int:
     """Run the API until SIGINT/SIGTERM (exit 0) or until a core part of the daemon fails for
     good (exit EXIT_FATAL): crash-only, so a process manager brings back a clean process."""
+    from session_manager.api.http_server import ApiRunner
     from session_manager.api.routes import DAEMON
 
-    runner = web.AppRunner(
+    runner = ApiRunner(
         app,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_timeout,

@@ -5,7 +5,8 @@ answered with the same `{error, message, timestamp}` envelope as everything else
 aiohttp answers those from `RequestHandler.handle_error`, before any middleware, with plain text;
 `ApiRunner` serves the app with a handler whose `handle_error` answers with the envelope instead:
 431 for a header field or the header count, 414 for the request line, 400 for anything else
-malformed. Both of aiohttp's parsers raise the same exception types (`LineTooLong`,
+malformed; and an `Expect` other than 100-continue, which aiohttp also answers before any
+middleware, is 417. Both of aiohttp's parsers raise the same exception types (`LineTooLong`,
 `BadHttpMessage`); they differ in what a `LineTooLong` reports, which `_line_too_long` sorts out.
 
 Usage, instead of `web.AppRunner(app, ...)`: `runner = ApiRunner(app, ...)`.
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import HttpRequestParserPy
 
@@ -121,6 +124,22 @@ class ApiRequestHandler(web.RequestHandler):
         return response
 
 
+RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _expect_checked(handler: RawHandler) -> RawHandler:
+    """aiohttp answers an `Expect` other than 100-continue before any middleware runs, in plain
+    text, and fails outright (500) when the header is not UTF-8: answered here instead."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect and expect.lower() != "100-continue" and request.version == HttpVersion11:
+            return envelope(417, "ExpectationFailed", "Expect: only 100-continue is supported")
+        return await handler(request)
+
+    return handle
+
+
 class ApiServer(web.Server):
     def __call__(self) -> web.RequestHandler:
         return ApiRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -128,7 +147,7 @@ class ApiServer(web.Server):
 
 class ApiRunner(web.AppRunner):
     """`web.AppRunner` whose connections answer protocol errors with the error envelope and
-    enforce HTTP_LIMITS."""
+    enforce HTTP_LIMITS (over any given: telling a long header from a long URL relies on them)."""
 
     def __init__(self, app: web.Application, **kwargs: Any) -> None:
         super().__init__(app, **{**kwargs, **HTTP_LIMITS})
@@ -136,7 +155,7 @@ class ApiRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # starts the application
         return ApiServer(
-            server.request_handler,
+            _expect_checked(server.request_handler),
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,

@@ -168,8 +168,7 @@ def check_endpoint(value: str) -> str:
 
 
 def _where(path: tuple[str | int, ...]) -> str:
-    if not path:
-        return "the top"
+    """`a.b[3]`, each key cut to 40 characters."""
     parts = []
     for step in path:
         if isinstance(step, int):
@@ -221,7 +220,7 @@ def check_json_object(value: dict[str, Any], max_bytes: int) -> None:
             )
     try:
         size = len(orjson.dumps(value))
-    except orjson.JSONEncodeError:  # only reachable from Python callers (e.g. a str subclass)
+    except orjson.JSONEncodeError:  # from Python callers only: a value JSON has no form for
         raise _invalid("json_unstorable", "cannot be stored as JSON") from None
     if size > max_bytes:
         raise _invalid("json_size", f"is {size} bytes as JSON, more than the {max_bytes} allowed")
@@ -233,10 +232,13 @@ def check_duration_limit(value: object, max_seconds: float) -> None:
     if value is None:
         return
     seconds = math.nan
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str) and _DECIMAL.fullmatch(value):
-        seconds = float(value)
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and _DECIMAL.fullmatch(value):
+            seconds = float(value)
+    except OverflowError:  # an integer past 1.8e308
+        seconds = math.inf
     if not 0 < seconds <= max_seconds:
         raise _invalid(
             "duration_limit",
@@ -246,7 +248,7 @@ def check_duration_limit(value: object, max_seconds: float) -> None:
 
 
 def check_max_sessions(value: object) -> None:
-    """`max_sessions` of a microservice: a whole number MIN..MAX_MAX_SESSIONS; null means none."""
+    """`max_sessions` of a microservice: a JSON integer, MIN..MAX_MAX_SESSIONS; null: none."""
     if value is None:
         return
     if (
@@ -256,7 +258,7 @@ def check_max_sessions(value: object) -> None:
     ):
         raise _invalid(
             "max_sessions",
-            f"max_sessions must be a whole number from {MIN_MAX_SESSIONS} to {MAX_MAX_SESSIONS}",
+            f"max_sessions must be an integer from {MIN_MAX_SESSIONS} to {MAX_MAX_SESSIONS}",
         )
 
 

@@ -310,10 +310,15 @@ async def livekit_webhook(request: web.Request) -> web.Response:
         # Nothing acts on it, so nothing needs to trust it: skip the signature check.
         log.log(TRACE, "webhook ignored", extra={"kind": kind})
         return web.Response(text="ignored")
+    authorization = request.headers.get("Authorization", "")
+    if not authorization.isascii():  # a token is ASCII; the JWT library fails on anything else
+        raise web.HTTPUnauthorized(text="webhook rejected: Authorization is not a token")
     try:
-        event = daemon.livekit_webhooks.verify(body, request.headers.get("Authorization", ""))
+        event = daemon.livekit_webhooks.verify(body, authorization)
     except WebhookRejected as exc:
         log.warning("webhook rejected", extra={"reason": str(exc)})
-        raise web.HTTPUnauthorized(text=f"webhook rejected: {exc}") from None
+        # The caller gets the reason ("bad signature"), not the JWT library's words about it.
+        reason = str(exc).partition(": ")[0]
+        raise web.HTTPUnauthorized(text=f"webhook rejected: {reason}") from None
     daemon.supervisor.tell(LiveKitEvent(event))
     return web.Response(text="ok")

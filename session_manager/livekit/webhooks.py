@@ -85,7 +85,11 @@ class WebhookVerifier:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise WebhookRejected("body is not JSON") from None
-        return _room_event(payload)
+        try:
+            return _room_event(payload)
+        except (AttributeError, TypeError, ValueError):
+            # Signed, but not shaped like LiveKit's webhooks (a list where an object goes...).
+            raise WebhookRejected("body is not a LiveKit webhook") from None
 
 
 def _room_event(payload: dict[str, Any]) -> RoomEvent:

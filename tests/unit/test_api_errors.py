@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
+from pydantic import BaseModel, ValidationError, field_validator
 
 from session_manager.api.app import create_app
+from session_manager.api.errors import describe_validation_error, error_middleware
+from session_manager.api.models import CreateSessionRequest
 from session_manager.config import Settings
 from tests.conftest import free_port
 
@@ -198,3 +202,51 @@ async def test_only_listed_origins_when_restricted(aiohttp_client: Any, tmp_path
     assert good.headers["Access-Control-Allow-Origin"] == "https://app.example.test"
     bad = await client.get("/health", headers={"Origin": "https://evil.example.test"})
     assert "Access-Control-Allow-Origin" not in bad.headers
+
+
+class _Strict(BaseModel):
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _convert(cls, value: str) -> str:
+        return str(float(value))  # raises ValueError("could not convert string to float: ...")
+
+
+def test_validation_messages_name_the_field_not_python() -> None:
+    with pytest.raises(ValidationError) as caught:
+        _Strict.model_validate({"name": "soon"})
+    message = describe_validation_error(caught.value)
+    assert message.startswith("name: ")
+    assert "could not convert" not in message and "Value error" not in message
+
+
+def test_a_client_key_of_any_length_is_shortened_in_the_message() -> None:
+    with pytest.raises(ValidationError) as caught:
+        CreateSessionRequest.model_validate_json(
+            b'{"user_identity": "u", "' + b"k" * 5000 + b'": 1}'
+        )
+    message = describe_validation_error(caught.value)
+    assert "Extra inputs are not permitted" in message
+    assert len(message) < 200
+
+
+async def test_a_body_that_breaks_its_framing_is_400(aiohttp_client: Any) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        raise web.RequestPayloadError("Not enough data to satisfy content length header.")
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_post("/", handler)
+    client = await aiohttp_client(app)
+    await assert_error(await client.post("/", data=b"{}"), 400, "InvalidRequest", mentions="body")
+
+
+async def test_non_finite_numbers_anywhere_are_400(client: TestClient[Any, Any]) -> None:
+    for raw in (
+        b'{"user_identity": "u", "metadata": {"duration_limit": "inf"}}',
+        b'{"user_identity": "u", "metadata": {"duration_limit": 1e400}}',
+        b'{"user_identity": "u", "metadata": {"duration_limit": "1e308"}}',
+        b'{"user_identity": "u", "metadata": {"a": [NaN]}}',
+    ):
+        response = await client.post("/api/v1/create-session", data=raw)
+        await assert_error(response, 400, "InvalidRequest", mentions="metadata")

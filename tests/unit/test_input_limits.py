@@ -23,7 +23,7 @@ import orjson
 import pytest
 from aiohttp import web, web_protocol
 from aiohttp.http_parser import HttpRequestParserPy
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 
 from session_manager.api import limits
@@ -76,10 +76,11 @@ async def assert_refused(response: Any, status: int, error: str, *, names: str) 
 # raw HTTP -----------------------------------------------------------------------------------
 
 
-async def raw_request(host: str, port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+async def raw_request(server: BaseTestServer, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send bytes as they are; return the status, headers and body of the answer (an event
     stream's body is not waited for)."""
-    reader, writer = await asyncio.open_connection(host, port)
+    assert server.port is not None
+    reader, writer = await asyncio.open_connection(server.host, server.port)
     try:
         writer.write(request)
         with contextlib.suppress(ConnectionError):  # refused before all was sent
@@ -475,7 +476,7 @@ async def test_header_line_at_the_edge_is_answered(raw_client: TestClient[Any, A
     request = http_request(
         "GET", b"/api/v1/events?since=0", headers=[header_line(MAX_HEADER_FIELD)]
     )
-    status, _, _ = await raw_request(server.host, server.port, request)
+    status, _, _ = await raw_request(server, request)
     assert status == 200
 
 
@@ -485,7 +486,7 @@ async def test_oversized_header_is_431_envelope(raw_client: TestClient[Any, Any]
         request = http_request(
             "GET", b"/api/v1/events?since=0", headers=[(b"X-Pad", b"v" * value_size)]
         )
-        status, headers, body = await raw_request(server.host, server.port, request)
+        status, headers, body = await raw_request(server, request)
         assert status == 431
         assert headers["content-type"].startswith("application/json")
         envelope = check_envelope(status, body)
@@ -498,13 +499,11 @@ async def test_too_many_headers_is_431_envelope(raw_client: TestClient[Any, Any]
     # Host and Connection count too; aiohttp's Python parser also counts the request line and
     # the empty line after the headers: MAX_HEADERS - 2 fields always fit.
     fits = [(b"X-%d" % i, b"1") for i in range(MAX_HEADERS - 4)]
-    status, _, _ = await raw_request(
-        server.host, server.port, http_request("GET", b"/api/v1/events", headers=fits)
-    )
+    status, _, _ = await raw_request(server, http_request("GET", b"/api/v1/events", headers=fits))
     assert status == 200
     too_many = [(b"X-%d" % i, b"1") for i in range(MAX_HEADERS)]
     status, _, body = await raw_request(
-        server.host, server.port, http_request("GET", b"/api/v1/events", headers=too_many)
+        server, http_request("GET", b"/api/v1/events", headers=too_many)
     )
     assert status == 431
     assert check_envelope(status, body)["error"] == "RequestHeaderFieldsTooLarge"
@@ -515,7 +514,7 @@ async def test_request_line_at_the_edge_is_answered(raw_client: TestClient[Any, 
     start = b"/api/v1/events?since=0&pad="
     # The whole line "GET <url> HTTP/1.1" is MAX_REQUEST_LINE: within both parsers' limit.
     url = start + b"p" * (MAX_REQUEST_LINE - len(b"GET  HTTP/1.1") - len(start))
-    status, _, _ = await raw_request(server.host, server.port, http_request("GET", url))
+    status, _, _ = await raw_request(server, http_request("GET", url))
     assert status == 200
 
 
@@ -523,7 +522,7 @@ async def test_too_long_request_line_is_414_envelope(raw_client: TestClient[Any,
     server = raw_client.server
     for size in (MAX_REQUEST_LINE + 1, 20_000):
         url = b"/api/v1/events?pad=" + b"p" * (size - len(b"/api/v1/events?pad="))
-        status, _, body = await raw_request(server.host, server.port, http_request("GET", url))
+        status, _, body = await raw_request(server, http_request("GET", url))
         assert status == 414
         envelope = check_envelope(status, body)
         assert envelope["error"] == "URITooLong"
@@ -549,9 +548,53 @@ async def test_malformed_http_is_400_envelope(
     # The C parser only: the Python one takes an overflowing Content-Length as a promise of
     # that many bytes and waits for them, as for any client that sends less than it announced.
     server = client.server
-    status, _, body = await raw_request(server.host, server.port, request_bytes)
+    status, _, body = await raw_request(server, request_bytes)
     assert status == 400
     assert check_envelope(status, body)["error"] == "InvalidRequest"
+
+
+@pytest.mark.parametrize("expect", [b"something", b"\xff\xfe"], ids=["unknown", "not-utf8"])
+async def test_an_expectation_other_than_100_continue_is_417_envelope(
+    raw_client: TestClient[Any, Any], expect: bytes
+) -> None:
+    # aiohttp answers Expect before any middleware: in plain text, or 500 when not UTF-8.
+    server = raw_client.server
+    request = http_request("GET", b"/api/v1/events", headers=[(b"Expect", expect)])
+    status, _, body = await raw_request(server, request)
+    assert status == 417
+    assert check_envelope(status, body)["error"] == "ExpectationFailed"
+
+
+async def test_100_continue_is_still_honoured(raw_client: TestClient[Any, Any]) -> None:
+    response = await raw_client.post(
+        "/api/v1/microservices/register",
+        json={"service_id": "s1", "endpoint": "http://127.0.0.1:9"},
+        expect100=True,
+    )
+    assert response.status == 200, await response.text()
+
+
+@pytest.mark.parametrize(
+    "authorization", [b"Bearer \xff\xfe", b"Bearer a.b.c"], ids=["not-utf8", "not-a-token"]
+)
+async def test_webhook_authorization_that_is_no_token_is_401_envelope(
+    raw_client: TestClient[Any, Any], authorization: bytes
+) -> None:
+    server = raw_client.server
+    request = http_request(
+        "POST",
+        b"/livekit/webhook",
+        headers=[(b"Authorization", authorization)],
+        body=b'{"event": "room_finished", "room": {"name": "r"}}',
+    )
+    status, _, body = await raw_request(server, request)
+    assert status == 401
+    envelope = check_envelope(status, body)
+    assert envelope["error"] == "Unauthorized"
+    assert envelope["message"] in (
+        "webhook rejected: Authorization is not a token",
+        "webhook rejected: bad signature",
+    )
 
 
 async def test_body_over_max_body_bytes_is_413_envelope(
@@ -566,7 +609,7 @@ async def test_body_over_max_body_bytes_is_413_envelope(
         b"POST /api/v1/create-session HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
         b"Connection: close\r\n\r\n" + chunk * 3 + b"0\r\n\r\n"
     )
-    status, _, answer = await raw_request(server.host, server.port, chunked)
+    status, _, answer = await raw_request(server, chunked)
     assert status == 413
     assert check_envelope(status, answer)["error"] == "PayloadTooLarge"
 

@@ -68,3 +68,19 @@ def test_the_kind_is_read_without_trusting_the_body() -> None:
     assert webhook_kind(b"not json") is None
     assert webhook_kind(b"[1]") is None
     assert webhook_kind(b'{"event": 5}') is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"event": "participant_joined", "room": {"name": "r"}, "participant": ["not", "a", "map"]},
+        {"event": "participant_joined", "room": ["r"], "participant": {"identity": "a"}},
+        {"event": "participant_joined", "room": {"name": "r"}, "createdAt": "yesterday"},
+        {"event": "participant_joined", "participant": {"identity": "a", "attributes": [1]}},
+        [1, 2, 3],
+    ],
+)
+def test_a_signed_body_not_shaped_like_a_webhook_is_rejected(payload: object) -> None:
+    body = orjson.dumps(payload)
+    with pytest.raises(WebhookRejected, match="not a LiveKit webhook"):
+        WebhookVerifier(KEY, SECRET).verify(body, signature(body))
