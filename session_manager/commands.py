@@ -149,6 +149,11 @@ class LiveKitBack:
 
 
 @dataclass(frozen=True)
+class ReconcileRooms:
+    """Time to compare LiveKit's rooms with the live sessions (see the supervisor)."""
+
+
+@dataclass(frozen=True)
 class IoFinished:
     """A piece of I/O the supervisor ran outside its loop is done; `then` runs in the loop."""
 
@@ -174,5 +179,6 @@ SupervisorMessage = (
     | HealthChecked
     | LiveKitLost
     | LiveKitBack
+    | ReconcileRooms
     | IoFinished
 )

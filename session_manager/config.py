@@ -68,6 +68,17 @@ class Settings(BaseModel):
     livekit_start_timeout: float = Field(
         30.0, gt=0, description="seconds to wait for the managed LiveKit to answer"
     )
+    deployment: str = Field(
+        "default",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="name tagged on the rooms this manager creates; managers that share one "
+        "LiveKit but not a store need different names",
+    )
+    room_sweep_interval: float = Field(
+        60.0, gt=0, description="seconds between comparisons of LiveKit's rooms with the sessions"
+    )
     livekit_probe_interval: float = Field(
         2.0, gt=0, le=60, description="seconds between checks that LiveKit answers"
     )

@@ -200,6 +200,7 @@ class Daemon:
             max_redispatch=settings.max_redispatch,
             client_join_timeout=settings.client_join_timeout,
             client_reconnect_grace=settings.client_reconnect_grace,
+            deployment=settings.deployment,
         )
         self.supervisor = Supervisor(
             self.registry,
@@ -210,6 +211,7 @@ class Daemon:
             on_fatal=lambda reason: self.fail(SUPERVISOR, reason),
             idempotency_ttl=settings.idempotency_ttl,
             startup_timeout=settings.store_flush_timeout,
+            room_sweep_interval=settings.room_sweep_interval,
         )
         await self.supervisor.start()
         self._stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))

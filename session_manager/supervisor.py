@@ -42,6 +42,7 @@ from session_manager.commands import (
     LiveKitEvent,
     LiveKitLost,
     NewSession,
+    ReconcileRooms,
     RegisterService,
     RemoveSessionService,
     SupervisorMessage,
@@ -61,10 +62,16 @@ from session_manager.errors import (
 from session_manager.events import EventLog, EventType
 from session_manager.health_board import LIVEKIT, STORE, SUPERVISOR, HealthBoard
 from session_manager.livekit.webhooks import RoomEvent
+from session_manager.periodic import Periodic
 from session_manager.registry import Registry, ServiceRecord
 from session_manager.registry.health import HealthResults
 from session_manager.registry.registry import ServiceStatus
-from session_manager.session.actor import SessionActor, SessionDeps, mint_client_token
+from session_manager.session.actor import (
+    SessionActor,
+    SessionDeps,
+    created_by,
+    mint_client_token,
+)
 from session_manager.session.messages import (
     AddService,
     InstanceLost,
@@ -119,6 +126,7 @@ class Supervisor:
         on_fatal: Callable[[str], None] | None = None,
         idempotency_ttl: float = 86400.0,
         startup_timeout: float = 10.0,
+        room_sweep_interval: float = 60.0,
     ) -> None:
         self._events = events
         self._registry = registry
@@ -140,6 +148,9 @@ class Supervisor:
         self.sessions_created = 0  # counters for /metrics
         self.sessions_ended = 0
         self._loop_task: asyncio.Task[None] | None = None
+        self._room_sweeps = Periodic(
+            "room-sweeper", self._ask_for_sweep, interval=room_sweep_interval, jitter=0.1
+        )
         self._failure: str | None = None
         self._closed = False
         self._close_lock = asyncio.Lock()
@@ -196,6 +207,10 @@ class Supervisor:
             ) from None
         self._loop_task = asyncio.create_task(self._run(), name="supervisor")
         watch(self._loop_task, self._loop_died)
+        self._room_sweeps.start()
+
+    async def _ask_for_sweep(self) -> None:
+        self.tell(ReconcileRooms())
 
     async def _end_orphans(self) -> None:
         """Sessions the store still holds as live lost their actor with the last process (it
@@ -265,6 +280,7 @@ class Supervisor:
                     )
                     await cancel_and_wait(pending)
             self._closed = True
+            await self._room_sweeps.aclose()
             await cancel_and_wait((self._loop_task, *self._io))
             self._loop_task = None
             self._refuse_leftovers()
@@ -337,7 +353,7 @@ class Supervisor:
                 self._on_health_checked(results)
             case LiveKitLost(reason=reason, rooms_lost=rooms_lost):
                 self._on_livekit_lost(reason, rooms_lost)
-            case LiveKitBack():
+            case LiveKitBack() | ReconcileRooms():
                 compare = self._reconcile_rooms(time.monotonic())
                 self._offload(self._deps.gateway.list_rooms(), then=compare)
             case IoFinished(task=task, then=then):
@@ -475,15 +491,18 @@ class Supervisor:
         for child in list(self._children.values()):
             child.actor.tell(Terminate(f"LiveKit room lost: {reason}"))
 
-    def _reconcile_rooms(self, asked_at: float) -> Callable[[asyncio.Future[list[str]]], None]:
-        """After an outage: a session whose room LiveKit no longer has is over. Sessions
-        spawned after the listing was asked for are not judged by it."""
+    def _reconcile_rooms(self, asked_at: float) -> Callable[[asyncio.Future[dict[str, str]]], None]:
+        """Compare LiveKit's rooms with the live sessions (after an outage, and every
+        `room_sweep_interval`): a session whose room LiveKit no longer has is over; a room this
+        deployment created that no live session owns (its delete failed, or a late joiner
+        brought it back) is deleted. Sessions spawned after the listing was asked for are not
+        judged by it; a room of a session still being created is in `_rooms` already."""
 
-        def compare(task: asyncio.Future[list[str]]) -> None:
+        def compare(task: asyncio.Future[dict[str, str]]) -> None:
             if task.cancelled() or task.exception() is not None:
-                log.warning("LiveKit rooms could not be listed after an outage")
+                log.warning("LiveKit rooms could not be listed")
                 return
-            rooms = set(task.result())
+            rooms = task.result()
             for child in list(self._children.values()):
                 record = child.actor.record
                 if (
@@ -491,9 +510,22 @@ class Supervisor:
                     and record.status is not SessionStatus.CREATING
                     and record.room_name not in rooms
                 ):
-                    child.actor.tell(Terminate("LiveKit room lost while LiveKit was unavailable"))
+                    child.actor.tell(Terminate("LiveKit room lost: LiveKit no longer has it"))
+            deployment = self._deps.deployment
+            for name, metadata in rooms.items():
+                if name not in self._rooms and created_by(metadata) == deployment:
+                    log.info("deleting a room no live session owns", extra={"room_name": name})
+                    self._offload(self._delete_stray_room(name))
 
         return compare
+
+    async def _delete_stray_room(self, name: str) -> None:
+        try:
+            await self._deps.gateway.delete_room(name)
+        except ManagerError as exc:  # the next sweep tries again
+            log.warning(
+                "stray room could not be deleted", extra={"room_name": name, "error": exc.message}
+            )
 
     # sessions --------------------------------------------------------------------------------
 

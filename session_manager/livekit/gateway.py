@@ -132,10 +132,10 @@ class LiveKitGateway:
                 f"LiveKit at {url} unreachable: GET / answered {response.status}"
             )
 
-    async def list_rooms(self) -> list[str]:
-        """The names of every room LiveKit has now."""
+    async def list_rooms(self) -> dict[str, str]:
+        """Every room LiveKit has now: its name and its metadata."""
         response = await self._call("ListRooms", self._rooms.list_rooms(api.ListRoomsRequest()))
-        return [room.name for room in response.rooms]
+        return {room.name: room.metadata for room in response.rooms}
 
     async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
         request = api.CreateRoomRequest(name=name, metadata=metadata, empty_timeout=empty_timeout)

@@ -111,6 +111,10 @@ class ManagedLiveKitConfig:
             f"  tcp_port: {self.rtc_tcp_port}",
             f"  udp_port: {self.rtc_udp_port}",
             "  use_external_ip: false",
+            # Only CreateRoom makes a room: a participant joining late (a service whose
+            # connect outlived its session) must not bring a deleted room back.
+            "room:",
+            "  auto_create: false",
             "keys:",
             f"  {self.api_key}: {self.api_secret}",
             "logging:",

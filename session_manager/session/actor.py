@@ -95,11 +95,37 @@ class SessionDeps:
     max_redispatch: int = 3
     client_join_timeout: float = 300.0
     client_reconnect_grace: float = 60.0
+    deployment: str = "default"  # tags the rooms this deployment creates
 
 
 def duration_limit(metadata: JsonDict) -> float | None:
     value = metadata.get("duration_limit")
     return float(value) if value is not None else None
+
+
+ROOM_TAG = "session_manager"  # room metadata key: the deployment that created the room
+
+
+def room_metadata(deployment: str, record: SessionRecord) -> str:
+    """A room's metadata: whose session it is, and a tag naming the deployment that created it,
+    so rooms it no longer knows (a delete that failed, a crash) can be found and deleted."""
+    return orjson.dumps(
+        {
+            "session_id": record.session_id,
+            "user_identity": record.user_identity,
+            ROOM_TAG: deployment,
+        }
+    ).decode()
+
+
+def created_by(metadata: str) -> str | None:
+    """The deployment a room's metadata names, if it is one of ours."""
+    try:
+        parsed = orjson.loads(metadata)
+    except orjson.JSONDecodeError:
+        return None
+    tag = parsed.get(ROOM_TAG) if isinstance(parsed, dict) else None
+    return tag if isinstance(tag, str) else None
 
 
 def token_ttl(deps: SessionDeps, metadata: JsonDict) -> timedelta:
@@ -267,9 +293,7 @@ class SessionActor:
         self._create_reply = message.reply
         self._options = message.options
         record = self.record
-        metadata = orjson.dumps(
-            {"session_id": record.session_id, "user_identity": record.user_identity}
-        ).decode()
+        metadata = room_metadata(self._deps.deployment, record)
         try:
             await self._deps.gateway.create_room(
                 record.room_name, metadata=metadata, empty_timeout=self._deps.room_empty_timeout

@@ -45,18 +45,20 @@ class FakeGateway:
     deleted: list[str] = field(default_factory=list)
     fail_create: BaseException | None = None
     removed: list[tuple[str, str]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)  # room name -> its metadata
 
     async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
         if self.fail_create is not None:
             raise self.fail_create
         self.rooms.add(name)
+        self.metadata[name] = metadata
 
     async def delete_room(self, name: str) -> None:
         self.rooms.discard(name)
         self.deleted.append(name)
 
-    async def list_rooms(self) -> list[str]:
-        return sorted(self.rooms)
+    async def list_rooms(self) -> dict[str, str]:
+        return {name: self.metadata.get(name, "") for name in self.rooms}
 
     async def remove_participant(self, room: str, identity: str) -> None:
         self.removed.append((room, identity))
