@@ -204,6 +204,41 @@ async def room_names(livekit_api: api.LiveKitAPI) -> set[str]:
     return {room.name for room in response.rooms}
 
 
+# ------------------------------------------------------------------------------------ markers
+
+# `integration`: needs the real livekit-server; `e2e`: real processes and WebRTC. Every test in
+# tests/integration and tests/e2e carries its folder's marker (modules say so with `pytestmark`
+# too), so `-m "not e2e"` is the inner loop and `-m "not integration and not e2e"` the unit loop.
+FOLDER_MARKERS = {"integration": "integration", "e2e": "e2e"}
+REAL_LIVEKIT_FIXTURE = "livekit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything by these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by its folder; a test elsewhere that uses the real LiveKit (the
+    `livekit` fixture, directly or through another fixture) without an `integration` or `e2e`
+    marker of its own fails collection, since `-m` would otherwise run it in the unit loop."""
+    tests_dir = Path(__file__).resolve().parent
+    unmarked: list[str] = []
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(tests_dir).parts[0]
+        except ValueError:
+            folder = ""
+        marker = FOLDER_MARKERS.get(folder)
+        if marker is not None and item.get_closest_marker(marker) is None:
+            item.add_marker(marker)
+        needs_livekit = REAL_LIVEKIT_FIXTURE in getattr(item, "fixturenames", ())
+        if needs_livekit and not any(item.get_closest_marker(m) for m in FOLDER_MARKERS.values()):
+            unmarked.append(item.nodeid)
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the real livekit-server (the `livekit` fixture) but are not marked "
+            "`integration` (or `e2e`): add `pytestmark = pytest.mark.integration` to their "
+            "module or mark them one by one:\n  " + "\n  ".join(unmarked)
+        )
+
+
 # ------------------------------------------------------------------- nothing left running
 
 # What the suite starts as processes: a run must end with none of them alive.

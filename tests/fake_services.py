@@ -102,3 +102,21 @@ async def wait_for_status(
             return view
         await asyncio.sleep(0.05)
     raise AssertionError(f"session never became {wanted}; last view: {view}")
+
+
+async def wait_until(
+    fetch: Callable[[], Awaitable[Any]],
+    done: Callable[[Any], bool],
+    what: str,
+    timeout: float = 15.0,
+) -> Any:
+    """Call `fetch` until `done` accepts what it returns, and return that; fail with the last
+    value seen when `timeout` passes first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await fetch()
+        if done(value):
+            return value
+        if asyncio.get_running_loop().time() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s; last seen: {value!r}")
+        await asyncio.sleep(0.05)

@@ -1,7 +1,7 @@
 """Helpers for the failover end-to-end tests: a real `session-manager` (with its managed
 livekit-server) on random free ports, real pong instances, the manager's HTTP API, and polling
 with deadlines. Processes are started and cleaned up by tests.e2e.processes, as in
-test_ping_pong.
+test_ping_pong. `pongs_for` gives the same pongs to a manager the test runs in-process.
 """
 
 from __future__ import annotations
@@ -160,34 +160,72 @@ class Pong:
             return body
 
 
+async def start_pong(
+    children: Children,
+    api: Api,
+    service_id: str,
+    *,
+    name: str | None = None,
+    port: int | None = None,
+) -> Pong:
+    """A pong process registering itself as `service_id` with the manager behind `api`, on
+    `port` (default: a free one); returns once the manager lists it Healthy. `name` (default:
+    the service id) names its log file, for a service id started more than once."""
+    port = port or free_port()
+    command = pong_command(service_id, port, api.base_url)
+    child = await children.start(name or service_id, command, REPO_ROOT)
+    pong = Pong(service_id, f"http://127.0.0.1:{port}", child)
+
+    async def registration() -> str | None:
+        if not child.running:
+            pytest.fail(f"{service_id} exited with {child.process.returncode}")
+        status, body = await api.call("GET", f"/api/v1/microservices/{service_id}")
+        return str(body["status"]) if status == 200 else None
+
+    await poll(
+        registration,
+        lambda status: status == "Healthy",
+        REGISTRATION_TIMEOUT,
+        f"{service_id} registered and Healthy",
+    )
+    return pong
+
+
 @dataclass
 class Stack:
     """A running manager and the pongs started against it."""
 
     api: Api
     children: Children
-    manager: ChildProcess
+    manager: ChildProcess | None  # None: the test runs the manager in-process
     pongs: dict[str, Pong]
 
-    async def start_pong(self, service_id: str) -> Pong:
-        port = free_port()
-        command = pong_command(service_id, port, self.api.base_url)
-        child = await self.children.start(service_id, command, REPO_ROOT)
-        pong = Pong(service_id, f"http://127.0.0.1:{port}", child)
+    async def start_pong(
+        self, service_id: str, *, name: str | None = None, port: int | None = None
+    ) -> Pong:
+        pong = await start_pong(self.children, self.api, service_id, name=name, port=port)
         self.pongs[service_id] = pong
-        await poll(
-            lambda: self._registration(pong),
-            lambda status: status == "Healthy",
-            REGISTRATION_TIMEOUT,
-            f"{service_id} registered and Healthy",
-        )
         return pong
 
-    async def _registration(self, pong: Pong) -> str | None:
-        if not pong.child.running:
-            pytest.fail(f"{pong.service_id} exited with {pong.child.process.returncode}")
-        status, body = await self.api.call("GET", f"/api/v1/microservices/{pong.service_id}")
-        return str(body["status"]) if status == 200 else None
+
+@asynccontextmanager
+async def pongs_for(manager_url: str, log_dir: Path) -> AsyncIterator[Stack]:
+    """Pongs (and any other child) for a manager running in this test process at
+    `manager_url`: every child is stopped when the block ends, passed or failed (and dies with
+    this process if it is killed); on failure each child's log tail is printed."""
+    require_netns()
+    children = Children(log_dir)
+    # No kept-alive connections: the test may restart the manager on the same port.
+    connector = aiohttp.TCPConnector(force_close=True)
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        try:
+            yield Stack(Api(http, manager_url.rstrip("/")), children, None, {})
+        except BaseException:
+            await children.stop_all()
+            children.print_log_tails()
+            raise
+        await children.stop_all()
 
 
 @asynccontextmanager

@@ -1,6 +1,11 @@
 """The processes of the end-to-end tests: children started with their output in files and
 stopped in reverse order, the real `session-manager` among them, waited for on /health, that
 must exit 0 and leave no livekit-server behind.
+
+Nothing a test starts may outlive it: every child gets a parent-death signal (the kernel kills
+it when the test process dies, however it dies), every child is stopped when the test ends,
+passed or failed, and a livekit-server left behind by the manager is looked for and killed in
+both cases too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import TypeVar
 
 import aiohttp
 import pytest
+
+from session_manager.livekit.server import die_with_parent
 
 T = TypeVar("T")
 
@@ -99,15 +106,27 @@ class Children:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # SIGKILLed by the kernel if this test process dies
             )
         child = ChildProcess(name, process, log_path)
         self.started.append(child)
         return child
 
     async def stop_all(self) -> None:
-        """SIGTERM each child, last started first; SIGKILL one that outlives STOP_TIMEOUT."""
-        for child in reversed(self.started):
-            await stop_process(child)
+        """SIGTERM each child, last started first; SIGKILL one that outlives STOP_TIMEOUT.
+        Every child is dealt with even when stopping one of them fails or is cancelled: what
+        is still running at the end is SIGKILLed."""
+        try:
+            for child in reversed(self.started):
+                try:
+                    await stop_process(child)
+                except Exception as error:
+                    print(f"stopping {child.name} failed: {error!r}; killing it")
+        finally:
+            for child in self.started:
+                if child.running:
+                    with suppress(ProcessLookupError):
+                        child.process.kill()
 
     def print_log_tails(self) -> None:
         for child in self.started:
@@ -212,12 +231,16 @@ class ManagerChild:
         self.livekit_pids = livekit_children(self.child.pid)
         assert self.livekit_pids, "the manager started no livekit-server child"
 
-    def check_stopped_cleanly(self) -> None:
+    def kill_leftover_livekit(self) -> set[int]:
+        """The manager's livekit-server children still alive after it stopped, killed."""
+        left = {pid for pid in self.livekit_pids if is_alive(pid)}
+        kill_leftovers(left)
+        return left
+
+    def check_stopped_cleanly(self, left: set[int]) -> None:
         assert self.child.process.returncode == 0, (
             f"session-manager exited with {self.child.process.returncode}"
         )
-        left = {pid for pid in self.livekit_pids if is_alive(pid)}
-        kill_leftovers(left)
         assert not left, f"livekit-server processes left running after the manager: {left}"
 
 
@@ -226,8 +249,10 @@ async def session_manager_child(tmp_path: Path, command: list[str]) -> AsyncIter
     """`command`, a session-manager, started in tmp_path/manager-cwd (its SQLite store, if any,
     lands under ./var there), its log and those of the children started after it in tmp_path.
 
-    On the way out every child is stopped, the manager last; then the manager must have exited 0
-    and left no livekit-server running. On any failure every child's log tail is printed."""
+    On the way out, passed or failed, every child is stopped, the manager last, and a
+    livekit-server the manager left running is killed. Then, if the test passed, the manager must
+    have exited 0 and left no livekit-server; if it failed, what was left is noted on its error.
+    On any failure every child's log tail is printed."""
     cwd = tmp_path / "manager-cwd"
     cwd.mkdir()
     children = Children(tmp_path)
@@ -235,9 +260,24 @@ async def session_manager_child(tmp_path: Path, command: list[str]) -> AsyncIter
     try:
         try:
             yield manager
-        finally:
-            await children.stop_all()
-        manager.check_stopped_cleanly()
+        except BaseException as error:
+            left = await stop_everything(manager)
+            if left:
+                error.add_note(f"livekit-server processes left running after the manager: {left}")
+            raise
+        manager.check_stopped_cleanly(await stop_everything(manager))
     except BaseException:
         children.print_log_tails()
         raise
+
+
+async def stop_everything(manager: ManagerChild) -> set[int]:
+    """Stop every child (the manager last), then kill any livekit-server the manager left
+    running, even when stopping was interrupted; returns the pids of those left running."""
+    if manager.child.running:  # its LiveKit, even one started after find_livekit()
+        manager.livekit_pids |= livekit_children(manager.child.pid)
+    try:
+        await manager.children.stop_all()
+    finally:
+        left = manager.kill_leftover_livekit()
+    return left

@@ -2,6 +2,10 @@
 its managed livekit-server), the pong example as a real microservice, the API document's curl
 examples run verbatim, and a LiveKit client that pings and must get pong back from the service.
 
+The examples are read from tests/data/session-manager-api.md, a verbatim copy of the user's API
+document (shared/spec/session-manager-api.md beside the repository), kept in step by
+test_the_contract_copy_is_the_shared_spec.
+
 Needs the private network namespace of scripts/test.sh: WebRTC ignores loopback candidates.
 """
 
@@ -9,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -23,6 +29,7 @@ import aiohttp
 import pytest
 from livekit import rtc
 
+from session_manager.livekit.server import die_with_parent
 from tests.e2e.processes import (
     POLL_INTERVAL,
     REPO_ROOT,
@@ -36,7 +43,11 @@ from tests.e2e.processes import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-SPEC_PATH = Path(__file__).resolve().parents[3] / "shared/spec/session-manager-api.md"
+# The contract's examples, kept in the repository; SHARED_SPEC_PATH is the user's document they
+# are copied from (shared/ beside the repository, as in CI: `bash .ci/run` in a fresh clone).
+SPEC_PATH = REPO_ROOT / "tests" / "data" / "session-manager-api.md"
+SHARED_SPEC_PATH = REPO_ROOT.parent / "shared" / "spec" / "session-manager-api.md"
+SHELL_TIMEOUT = 30.0
 MANAGER_URL = "http://127.0.0.1:8080"  # the manager's default listen address
 PONG_PORT = 8001  # the spec's example endpoint is http://localhost:8001
 SPEC_SERVICE_ID = "asr-service-1"  # registered by the spec's curl example, pointing at pong
@@ -70,7 +81,10 @@ def usage_example_commands(spec: Path) -> list[str]:
 
 
 async def run_shell_json(command: str, env: dict[str, str]) -> dict[str, Any]:
-    """Run `command` with `bash -c` and parse what it prints as one JSON object."""
+    """Run `command` with `bash -c` and parse what it prints as one JSON object.
+
+    bash runs in a process group of its own: when it does not finish in time (or the test is
+    cancelled) that whole group, the curl it started included, is killed."""
     process = await asyncio.create_subprocess_exec(
         "bash",
         "-c",
@@ -78,8 +92,17 @@ async def run_shell_json(command: str, env: dict[str, str]) -> dict[str, Any]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
+        start_new_session=True,
+        preexec_fn=die_with_parent,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=SHELL_TIMEOUT)
+    except TimeoutError:
+        pytest.fail(f"command did not finish within {SHELL_TIMEOUT} s: {command}")
+    finally:
+        if process.returncode is None:  # timed out or cancelled: bash and the curl it runs
+            kill_process_group(process.pid)
+            await process.wait()
     assert process.returncode == 0, (
         f"command failed ({process.returncode}): {command}\n{stderr.decode(errors='replace')}"
     )
@@ -89,6 +112,13 @@ async def run_shell_json(command: str, env: dict[str, str]) -> dict[str, Any]:
         pytest.fail(f"not JSON from {command!r}: {stdout.decode(errors='replace')!r}")
     assert isinstance(answer, dict), answer
     return answer
+
+
+def kill_process_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the group is gone: nothing is left of it
 
 
 # ------------------------------------------------------------------------------- child processes
@@ -290,6 +320,21 @@ async def waiting_create_walkthrough(http: aiohttp.ClientSession) -> None:
     print(
         f"waiting create: Ready answered after {ready_after:.2f} s, "
         f"first pong after {pong_after:.2f} s"
+    )
+
+
+def test_the_contract_copy_is_the_shared_spec() -> None:
+    """tests/data/session-manager-api.md is byte for byte the user's document beside the
+    repository; CI runs with shared/ there, so its absence is a failure, not a skip."""
+    if not SHARED_SPEC_PATH.is_file():
+        pytest.fail(
+            f"the user's API document is missing at {SHARED_SPEC_PATH}: the suite runs with "
+            "shared/ beside the repository (as CI does), so the copy in tests/data cannot be "
+            "checked against it"
+        )
+    copy = SPEC_PATH.read_bytes()
+    assert copy == SHARED_SPEC_PATH.read_bytes(), (
+        f"{SPEC_PATH} differs from {SHARED_SPEC_PATH}: copy the document again (verbatim)"
     )
 
 
