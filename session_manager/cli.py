@@ -23,6 +23,7 @@ from session_manager.config import (
     Settings,
     SettingsError,
     env_name,
+    is_loopback,
     load_settings,
 )
 from session_manager.errors import StartupFailed
@@ -137,6 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"session-manager: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if settings.allow_unauthenticated and not settings.api_keys:
+        log.warning(
+            "serving without API keys: anyone who can reach the port controls the manager",
+            extra={
+                "host": settings.host,
+                "loopback": is_loopback(settings.host),
+                "setting": "allow_unauthenticated",
+            },
+        )
 
     from session_manager.api.app import create_app
 

@@ -17,6 +17,28 @@ from session_manager.store.base import SessionCursor
 
 
 @dataclass(frozen=True)
+class Access:
+    """Who sent a command, for the ownership checks the supervisor makes in its loop: the id of
+    the caller's API key (never the key) and whether that key has the `admin` scope. Without
+    API keys configured `owner` is None: nothing is owned and nothing is checked."""
+
+    owner: str | None = None
+    admin: bool = False
+
+    def may_use(self, owner: str | None) -> bool:
+        """Whether this caller may see or change what `owner` created or registered."""
+        return self.owner is None or self.admin or owner == self.owner
+
+    @property
+    def owner_filter(self) -> str | None:
+        """The owner a listing is narrowed to: None for an admin or without keys."""
+        return None if self.admin else self.owner
+
+
+OPEN_ACCESS = Access()
+
+
+@dataclass(frozen=True)
 class NewSession:
     user_identity: str
     user_name: str | None = None
@@ -24,6 +46,7 @@ class NewSession:
     metadata: JsonDict = field(default_factory=dict)
     required_services: list[str] | None = None
     options: CreateOptions = field(default_factory=CreateOptions)
+    owner: str | None = None  # id of the API key that creates it (None without keys)
 
 
 # commands -------------------------------------------------------------------------------------
@@ -41,6 +64,7 @@ class CreateSession:
 class GetSession:
     session_id: str
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
@@ -50,12 +74,14 @@ class ListSessions:
     limit: int
     before: SessionCursor | None
     reply: asyncio.Future[list[JsonDict]]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
 class DeleteSession:
     session_id: str
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,7 @@ class AddSessionService:
     session_id: str
     requirement: str
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
@@ -70,6 +97,7 @@ class RemoveSessionService:
     session_id: str
     service_id: str
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
@@ -78,6 +106,7 @@ class RegisterService:
     endpoint: str
     metadata: JsonDict
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS  # its key id becomes the registration's owner
 
 
 @dataclass(frozen=True)
@@ -87,24 +116,37 @@ class UpdateService:
     metadata: JsonDict | None
     draining: bool | None
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
 class DrainService:
     service_id: str
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
 class DeregisterService:
     service_id: str
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
+
+
+@dataclass(frozen=True)
+class RotateServiceSecret:
+    """A new signing secret for a registration; answered `{service_id, signing_secret}`."""
+
+    service_id: str
+    reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
 class GetService:
     service_id: str
     reply: asyncio.Future[JsonDict]
+    access: Access = OPEN_ACCESS
 
 
 @dataclass(frozen=True)
@@ -172,6 +214,7 @@ SupervisorMessage = (
     | UpdateService
     | DrainService
     | DeregisterService
+    | RotateServiceSecret
     | GetService
     | ListServices
     | LiveKitEvent

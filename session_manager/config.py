@@ -7,6 +7,8 @@ flags. The config file is `--config PATH`, else `$SESSION_MANAGER_CONFIG`, else
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -16,6 +18,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from session_manager.api.auth import RateLimit, parse_api_keys
+from session_manager.egress import DEFAULT_ENDPOINT_ALLOW, EndpointAllow
 
 ENV_PREFIX = "SESSION_MANAGER_"
 DEFAULT_CONFIG_FILE = Path("config/session-manager.toml")
@@ -107,6 +112,15 @@ class Settings(BaseModel):
     health_timeout: float = Field(2.0, gt=0, description="seconds for one health check")
     unhealthy_after: int = Field(3, ge=1, description="failed checks in a row to be Unhealthy")
     healthy_after: int = Field(2, ge=1, description="good checks in a row to be Healthy again")
+    health_concurrency: int = Field(
+        64, ge=1, le=10_000, description="health checks in flight at once, at most"
+    )
+    endpoint_allow: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ENDPOINT_ALLOW),
+        description="CIDRs and host names microservice endpoints may use; link-local, multicast, "
+        "unspecified and broadcast addresses only when a CIDR inside their range is listed "
+        "(env/flag: ',' or ';'-separated)",
+    )
     session_retention: float = Field(
         7 * 86400.0, gt=0, description="seconds an ended session stays readable (from creation)"
     )
@@ -134,9 +148,36 @@ class Settings(BaseModel):
     store_flush_timeout: float = Field(
         10.0, gt=0, description="seconds to wait for pending writes at start-up and shutdown"
     )
-    cors_allow_origins: list[str] = Field(
-        default_factory=lambda: ["*"],
-        description="origins whose web pages may call the API ('*': any; env/flag: ','-separated)",
+    cors_allow_origins: list[str] | None = Field(
+        None,
+        description="origins whose web pages may call the API ('*': any; unset: '*' without "
+        "api_keys, none with them; env/flag: ','-separated)",
+    )
+
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys: '<key> <scope>[,<scope>...]', scopes admin, client, service; a key "
+        "may be given as 'sha256:<hex>' (env/flag: ';'-separated)",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve without api_keys on a host that is not loopback (warns at start)"
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="requests a second per API key (per client address without keys) and the "
+        "burst, e.g. '10/20'; past it 429",
+    )
+    max_live_sessions: int = Field(
+        10_000, ge=1, description="live sessions at most; past it a create gets 503 AtCapacity"
+    )
+    max_sessions_per_user: int | None = Field(
+        None, ge=1, description="live sessions of one user_identity at most; past it 429"
+    )
+    max_event_streams: int = Field(
+        10_000, ge=1, description="open event streams (SSE) at most; past it 429"
+    )
+    max_services: int = Field(
+        10_000, ge=1, description="registered microservices at most; past it 429"
     )
 
     event_history: int = Field(
@@ -150,7 +191,9 @@ class Settings(BaseModel):
         description="outbound webhook targets: 'URL' or 'URL Type,Type' (env/flag: ';'-separated)",
     )
     webhook_secret: SecretStr | None = Field(
-        None, description="HMAC-SHA256 key that signs outbound webhooks"
+        None,
+        description="secret that signs outbound webhooks (Standard Webhooks): 'whsec_<base64>', "
+        "or a plain string whose UTF-8 bytes are the key",
     )
     webhook_timeout: float = Field(5.0, gt=0, description="seconds for one webhook POST")
     webhook_max_attempts: int = Field(5, ge=1, description="attempts per webhook delivery")
@@ -177,6 +220,37 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [part.strip() for part in value.split(";") if part.strip()]
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(";") if part.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_keys(cls, entries: list[SecretStr]) -> list[SecretStr]:
+        parse_api_keys(entry.get_secret_value() for entry in entries)  # its errors show no key
+        return entries
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _valid_rate(cls, value: str | None) -> str | None:
+        return None if value is None else str(RateLimit.parse(value))
+
+    @field_validator("endpoint_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.replace(";", ",").split(",") if part.strip()]
+        return value
+
+    @field_validator("endpoint_allow")
+    @classmethod
+    def _valid_allow(cls, entries: list[str]) -> list[str]:
+        EndpointAllow.parse(entries)  # ValueError naming the entry that is not one
+        return entries
 
     @field_validator("cors_allow_origins", mode="before")
     @classmethod
@@ -277,7 +351,28 @@ def load_settings(
         raise SettingsError(f"invalid setting {field} (from {where}): {first['msg']}") from None
     _check_livekit_credentials(settings)
     _check_webhooks(settings)
+    _check_exposure(settings)
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_exposure(settings: Settings) -> None:
+    """Without API keys, whoever reaches the port controls the manager: only loopback, unless
+    the operator says otherwise."""
+    if settings.api_keys or settings.allow_unauthenticated or is_loopback(settings.host):
+        return
+    raise SettingsError(
+        f"invalid setting api_keys: required when host {settings.host} is not a loopback "
+        "address (or set allow_unauthenticated = true to serve without keys)"
+    )
 
 
 def _check_webhooks(settings: Settings) -> None:
@@ -285,6 +380,15 @@ def _check_webhooks(settings: Settings) -> None:
         settings.webhook_secret is None or not settings.webhook_secret.get_secret_value()
     ):
         raise SettingsError("invalid setting webhook_secret: required when webhooks are set")
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    if secret.startswith("whsec_"):
+        encoded = secret.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except ValueError:  # binascii.Error is one
+            key = b""
+        if not key:
+            raise SettingsError("invalid setting webhook_secret: whsec_ must be followed by base64")
 
 
 def _check_livekit_credentials(settings: Settings) -> None:

@@ -19,6 +19,7 @@ import aiohttp
 from session_manager.clock import now_rfc3339
 from session_manager.config import Settings
 from session_manager.dispatch import DispatchPolicy, MicroserviceClient
+from session_manager.egress import EndpointAllow, EndpointGuard
 from session_manager.events import EventLog, OutboundWebhooks, WebhookPolicy, WebhookTarget
 from session_manager.health_board import STORE, SUPERVISOR, HealthBoard, Problem
 from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, make_endpoint
@@ -71,6 +72,7 @@ class Daemon:
         self.gateway: LiveKitGateway
         self.livekit_webhooks: WebhookVerifier
         self.microservices: MicroserviceClient
+        self.egress: EndpointGuard
         self.supervisor: Supervisor
         self.health: HealthMonitor
         self.livekit_server: ManagedLiveKitServer | None = None
@@ -175,7 +177,12 @@ class Daemon:
 
     async def _start_microservice_client(self) -> None:
         settings = self.settings
-        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
+        # endpoint_allow: checked at registration, and by the resolver of every service call.
+        self.egress = EndpointGuard(EndpointAllow.parse(settings.endpoint_allow))
+        self._stage("endpoint guard", self.egress.aclose)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=512, resolver=self.egress.resolver)
+        )
         self._stage("microservice client", http.close)
         self.microservices = MicroserviceClient(
             http,
@@ -184,6 +191,8 @@ class Daemon:
                 attempts=settings.dispatch_attempts,
                 backoff=settings.dispatch_backoff,
             ),
+            guard=self.egress,
+            secrets=self.registry.signing_secrets,
         )
 
     async def _start_sessions(self) -> None:
@@ -201,6 +210,7 @@ class Daemon:
             client_join_timeout=settings.client_join_timeout,
             client_reconnect_grace=settings.client_reconnect_grace,
             deployment=settings.deployment,
+            max_session_duration=settings.max_session_duration,
         )
         self.supervisor = Supervisor(
             self.registry,
@@ -212,6 +222,9 @@ class Daemon:
             idempotency_ttl=settings.idempotency_ttl,
             startup_timeout=settings.store_flush_timeout,
             room_sweep_interval=settings.room_sweep_interval,
+            max_live_sessions=settings.max_live_sessions,
+            max_sessions_per_user=settings.max_sessions_per_user,
+            max_services=settings.max_services,
         )
         await self.supervisor.start()
         self._stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
@@ -231,12 +244,28 @@ class Daemon:
         self._stage("livekit watch", watch.aclose)
 
     async def _start_health_monitor(self) -> None:
+        settings = self.settings
+        # A pool of its own, at most health_concurrency checks at once: slow or dead
+        # registrations cannot take the connections join-room needs.
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=settings.health_concurrency, resolver=self.egress.resolver
+            )
+        )
+        self._stage("health client", http.close)
+        client = MicroserviceClient(
+            http,
+            DispatchPolicy(timeout=settings.health_timeout, attempts=1, backoff=0.0),
+            guard=self.egress,
+            secrets=self.registry.signing_secrets,
+        )
         self.health = HealthMonitor(
             self.registry,
-            self.microservices,
-            interval=self.settings.health_interval,
-            timeout=self.settings.health_timeout,
+            client,
+            interval=settings.health_interval,
+            timeout=settings.health_timeout,
             on_results=self.supervisor.health_checked,
+            concurrency=settings.health_concurrency,
         )
         await self.health.start()
         self._stage("health monitor", self.health.aclose)

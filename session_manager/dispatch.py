@@ -1,8 +1,20 @@
-"""The HTTP client that asks microservices to join a room: timeouts, bounded retries, backoff.
+"""The HTTP client that calls microservices: join-room (timeouts, bounded retries, backoff),
+leave-room and health.
 
 The wire format is fixed by services written for the earlier implementation:
 POST {endpoint}/join-room {session_id, room_name, service_identity, access_token, livekit_url}
 answered by 2xx {success, message, session_id, service_id}.
+
+Every call is signed (Standard Webhooks headers, see `session_manager.events.signing`) with the
+secret of the registration it is for, and with the secrets of the other registrations at the
+same endpoint (see `Registry.signing_secrets`); services that verify nothing ignore the headers.
+Each attempt is a new message (its own `webhook-id`): a retry is not refused as a replay.
+
+Every call goes only where `endpoint_allow` lets it (`session_manager.egress`: the IP literal is
+checked here, a host name as the client resolves it), never follows a redirect (a 3xx is a
+failure), and reads at most 64 KiB of any answer. What a failure reports is generic: "not
+reachable", never the text of a connection error, which could tell a stranger what lives on the
+manager's network.
 """
 
 from __future__ import annotations
@@ -11,12 +23,23 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
+from session_manager.egress import EndpointGuard, safe_origin
+from session_manager.events.signing import Signer
+
 log = logging.getLogger(__name__)
+
+MAX_ANSWER_BYTES = 64 * 1024  # read at most this much of any answer of a service
+_READ_CHUNK = 16 * 1024
+
+SigningSecrets = Callable[[str, str], Sequence[str]]
+"""(service id, endpoint) -> the secrets a call to that service at that endpoint is signed
+with, its own first; empty: sent unsigned."""
 
 
 @dataclass(frozen=True)
@@ -73,12 +96,79 @@ class DispatchPolicy:
     backoff: float
 
 
-class MicroserviceClient:
-    """Calls microservices on behalf of session actors; one pooled HTTP client for all of them."""
+class _TooLarge(Exception):
+    """An answer longer than MAX_ANSWER_BYTES."""
 
-    def __init__(self, http: aiohttp.ClientSession, policy: DispatchPolicy) -> None:
+
+class _NotAllowed(Exception):
+    """The endpoint is not one `endpoint_allow` lets the manager call."""
+
+
+class MicroserviceClient:
+    """Calls microservices on behalf of session actors (and the health monitor, with a client
+    of its own); one pooled HTTP client for all of them. `http` should resolve host names
+    through the guard's resolver (see `egress.GuardedResolver`)."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        policy: DispatchPolicy,
+        *,
+        guard: EndpointGuard | None = None,
+        secrets: SigningSecrets | None = None,
+    ) -> None:
         self._http = http
         self._policy = policy
+        self._guard = guard
+        self._secrets = secrets
+
+    def _headers(self, service_id: str | None, endpoint: str, body: bytes) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"} if body else {}
+        secrets = self._secrets(service_id, endpoint) if self._secrets and service_id else ()
+        if secrets:
+            headers.update(Signer(*secrets).headers(body))
+        return headers
+
+    def _check(self, endpoint: str) -> None:
+        refusal = self._guard.check_call(endpoint) if self._guard is not None else None
+        if refusal is not None:
+            log.warning(
+                "call to a service endpoint refused",
+                extra={"endpoint": safe_origin(endpoint), "reason": refusal},
+            )
+            raise _NotAllowed
+
+    async def _call(
+        self,
+        method: str,
+        endpoint: str,
+        path: str,
+        *,
+        service_id: str | None,
+        body: bytes,
+        timeout: float,
+    ) -> tuple[int, bytes]:
+        """One signed call: (status, at most MAX_ANSWER_BYTES of the answer). Raises
+        _NotAllowed, _TooLarge, TimeoutError, aiohttp.ClientError."""
+        self._check(endpoint)
+        url = f"{endpoint.rstrip('/')}/{path}"
+        try:
+            async with self._http.request(
+                method,
+                url,
+                data=body or None,
+                headers=self._headers(service_id, endpoint, body),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as response:
+                return response.status, await _read_capped(response)
+        except aiohttp.ClientError as exc:
+            # The details stay in the operator's log; the caller is told something generic.
+            log.debug(
+                "call to a service failed",
+                extra={"endpoint": safe_origin(endpoint), "path": path, "error": repr(exc)},
+            )
+            raise
 
     async def join_room(self, endpoint: str, request: JoinRoomRequest) -> DispatchOutcome:
         started = time.monotonic()
@@ -115,21 +205,23 @@ class MicroserviceClient:
         return random.uniform(0, self._policy.backoff * (2 ** (attempt - 1)))
 
     async def _post_join(self, endpoint: str, request: JoinRoomRequest) -> str:
-        url = f"{endpoint.rstrip('/')}/join-room"
-        timeout = aiohttp.ClientTimeout(total=self._policy.timeout)
         try:
-            async with self._http.post(
-                url,
-                data=request.body(),
-                headers={"Content-Type": "application/json"},
-                timeout=timeout,
-            ) as response:
-                raw = await response.read()
-                status = response.status
+            status, raw = await self._call(
+                "POST",
+                endpoint,
+                "join-room",
+                service_id=request.service_identity,
+                body=request.body(),
+                timeout=self._policy.timeout,
+            )
+        except _NotAllowed:
+            raise _Final(f"join-room {NOT_ALLOWED}") from None
+        except _TooLarge:
+            raise _Final(f"join-room {TOO_LARGE}") from None
         except TimeoutError:
             raise _Retryable(f"join-room timed out after {self._policy.timeout}s") from None
         except aiohttp.ClientError as exc:
-            raise _Retryable(f"join-room failed: {type(exc).__name__}: {exc}") from None
+            raise _Retryable(_failed("join-room", exc)) from None
 
         if status in DECLINE_STATUSES:
             raise _Declined(f"service declined join-room: HTTP {status}{_reason(raw)}")
@@ -150,39 +242,72 @@ class MicroserviceClient:
         message = answer.get("message")
         return message if isinstance(message, str) else ""
 
-    async def leave_room(self, endpoint: str, session_id: str, room_name: str) -> str | None:
-        """Ask a service to leave a room; one attempt, best effort. Returns the error, if any."""
-        url = f"{endpoint.rstrip('/')}/leave-room"
+    async def leave_room(
+        self, endpoint: str, session_id: str, room_name: str, *, service_id: str | None = None
+    ) -> str | None:
+        """Ask a service to leave a room; one attempt, best effort. Returns the error, if any.
+        `service_id`: the registration whose secret signs the call."""
         body = orjson.dumps({"session_id": session_id, "room_name": room_name})
-        try:
-            async with self._http.post(
-                url,
-                data=body,
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self._policy.timeout),
-            ) as response:
-                await response.read()
-                return (
-                    None if response.status < 300 else f"leave-room answered HTTP {response.status}"
-                )
-        except TimeoutError:
-            return f"leave-room timed out after {self._policy.timeout}s"
-        except aiohttp.ClientError as exc:
-            return f"leave-room failed: {type(exc).__name__}: {exc}"
+        return await self._simple_call(
+            "leave-room", "POST", endpoint, service_id, body, self._policy.timeout
+        )
 
-    async def check_health(self, endpoint: str, timeout: float) -> str | None:
-        """`GET {endpoint}/health`; None when it answers 2xx, else what went wrong."""
-        url = f"{endpoint.rstrip('/')}/health"
+    async def check_health(
+        self, endpoint: str, timeout: float, *, service_id: str | None = None
+    ) -> str | None:
+        """`GET {endpoint}/health` (signed over the empty body); None when it answers 2xx,
+        else what went wrong."""
+        return await self._simple_call("health", "GET", endpoint, service_id, b"", timeout)
+
+    async def _simple_call(
+        self,
+        what: str,
+        method: str,
+        endpoint: str,
+        service_id: str | None,
+        body: bytes,
+        timeout: float,
+    ) -> str | None:
         try:
-            async with self._http.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as response:
-                await response.read()
-                return None if response.status < 300 else f"health answered HTTP {response.status}"
+            status, _ = await self._call(
+                method, endpoint, what, service_id=service_id, body=body, timeout=timeout
+            )
+        except _NotAllowed:
+            return f"{what} {NOT_ALLOWED}"
+        except _TooLarge:
+            return f"{what} {TOO_LARGE}"
         except TimeoutError:
-            return f"health check timed out after {timeout}s"
+            return f"{what} timed out after {timeout}s"
         except aiohttp.ClientError as exc:
-            return f"health check failed: {type(exc).__name__}: {exc}"
+            return _failed(what, exc)
+        return None if status < 300 else f"{what} answered HTTP {status}"
+
+
+NOT_ALLOWED = "failed: endpoint not allowed (endpoint_allow)"
+TOO_LARGE = f"answered with more than {MAX_ANSWER_BYTES // 1024} KiB"
+
+
+def _failed(what: str, exc: aiohttp.ClientError) -> str:
+    """A failure to reach a service, told without the words of the connection error (they may
+    name internal addresses, or say which ports answer)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):  # refused, no route, name refused
+        return f"{what} failed: endpoint not reachable"
+    return f"{what} failed: connection lost ({type(exc).__name__})"
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The answer's body, at most MAX_ANSWER_BYTES of it; _TooLarge past that."""
+    length = response.content_length
+    if length is not None and length > MAX_ANSWER_BYTES:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _reason(raw: bytes) -> str:

@@ -10,9 +10,11 @@ class ManagerError(Exception):
     status = 500
     code = "InternalError"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Response headers that go with the envelope (`Retry-After`, `WWW-Authenticate`).
+        self.headers: dict[str, str] = dict(headers or {})
 
 
 class InvalidRequest(ManagerError):
@@ -23,6 +25,43 @@ class InvalidRequest(ManagerError):
 class NotFound(ManagerError):
     status = 404
     code = "NotFound"
+
+
+class Unauthorized(ManagerError):
+    """No API key, or one the manager does not know."""
+
+    status = 401
+    code = "Unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ManagerError):
+    """A known API key without the scope, or not the owner, of what it asks for."""
+
+    status = 403
+    code = "Forbidden"
+
+
+class TooManyRequests(ManagerError):
+    """A limit per caller was reached (rate, sessions per user, event streams, services)."""
+
+    status = 429
+    code = "TooManyRequests"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+
+
+class AtCapacity(ManagerError):
+    """The manager runs `max_live_sessions` sessions: no more until some end."""
+
+    status = 503
+    code = "AtCapacity"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
 
 
 class Timeout(ManagerError):

@@ -7,6 +7,12 @@ up, its services' capacity is given back, and its final view stays readable from
 The supervisor is the registry's one writer: registrations, health results and load change only
 from its loop, one command at a time.
 
+Ownership and the limits on sessions and registrations are checked in the loop too. Each command
+from the front door carries the caller's `Access` (its API key's id, and whether it is admin): a
+session created with another key is NotFound, as if it did not exist; a registration made with
+another key is Forbidden. Past `max_live_sessions` a create is AtCapacity, past
+`max_sessions_per_user` or `max_services` TooManyRequests.
+
 Its loop never waits on I/O: reads of the store, idempotency look-ups and writes, registration
 writes and LiveKit room listings run as tasks it owns (`_offload`); what must change state when
 they finish comes back through the inbox as `IoFinished`. If the loop itself dies, every waiting
@@ -26,6 +32,8 @@ from typing import Any, TypeVar
 
 from session_manager.clock import now_rfc3339
 from session_manager.commands import (
+    OPEN_ACCESS,
+    Access,
     ActorExited,
     AddSessionService,
     CreateSession,
@@ -45,11 +53,14 @@ from session_manager.commands import (
     ReconcileRooms,
     RegisterService,
     RemoveSessionService,
+    RotateServiceSecret,
     SupervisorMessage,
     UpdateService,
 )
 from session_manager.errors import (
+    AtCapacity,
     Conflict,
+    Forbidden,
     InvalidRequest,
     LiveKitUnavailable,
     ManagerError,
@@ -57,6 +68,7 @@ from session_manager.errors import (
     ShuttingDown,
     StartupFailed,
     StoreUnavailable,
+    TooManyRequests,
     Unhealthy,
 )
 from session_manager.events import EventLog, EventType
@@ -95,6 +107,9 @@ TERMINATED_BY_REQUEST = "terminated by request"
 # caller can ask for, timeout_secs, is 3600 s).
 ASK_TIMEOUT = 3700.0
 SEEN_WEBHOOKS = 10_000  # webhook ids remembered, so one LiveKit sends twice is acted on once
+# Retry-After (seconds) of a create refused by max_live_sessions or max_sessions_per_user, and
+# of a registration refused by max_services: sessions end and services leave in that time scale.
+LIMIT_RETRY_AFTER = 10
 
 
 @dataclass
@@ -127,8 +142,15 @@ class Supervisor:
         idempotency_ttl: float = 86400.0,
         startup_timeout: float = 10.0,
         room_sweep_interval: float = 60.0,
+        max_live_sessions: int = 10_000,
+        max_sessions_per_user: int | None = None,
+        max_services: int = 10_000,
     ) -> None:
         self._events = events
+        self._max_live_sessions = max_live_sessions
+        self._max_sessions_per_user = max_sessions_per_user
+        self._max_services = max_services
+        self._live_per_user: dict[str, int] = {}  # user_identity -> its live sessions
         self._registry = registry
         self._store = store
         self._deps = deps
@@ -319,12 +341,13 @@ class Supervisor:
         match message:
             case CreateSession():
                 self._create_session(message)
-            case GetSession(session_id=session_id, reply=reply):
+            case GetSession(session_id=session_id, reply=reply, access=access):
                 view = self._views.get(session_id)
                 if view is not None:
+                    _check_session_owner(session_id, view.get("owner"), access)
                     settle(reply, view)
                 else:
-                    self._offload(self._stored_view(session_id), reply=reply)
+                    self._offload(self._stored_view(session_id, access), reply=reply)
             case ListSessions():
                 self._offload(
                     self._store.list_sessions(
@@ -332,19 +355,25 @@ class Supervisor:
                         user_identity=message.user_identity,
                         limit=message.limit,
                         before=message.before,
+                        owner=message.access.owner_filter,
                     ),
                     reply=message.reply,
                 )
-            case DeleteSession(session_id=session_id, reply=reply):
+            case DeleteSession(session_id=session_id, reply=reply, access=access):
                 child = self._children.get(session_id)
                 if child is not None:
+                    _check_session_owner(session_id, child.actor.record.owner, access)
                     child.actor.tell(Terminate(TERMINATED_BY_REQUEST, reply))
                 else:  # already ended: idempotent
-                    self._offload(self._stored_view(session_id), reply=reply)
+                    self._offload(self._stored_view(session_id, access), reply=reply)
             case AddSessionService(session_id=session_id, requirement=requirement, reply=reply):
-                self._tell_running(session_id, AddService(requirement, reply), reply)
+                self._tell_running(
+                    session_id, AddService(requirement, reply), reply, message.access
+                )
             case RemoveSessionService(session_id=session_id, service_id=service_id, reply=reply):
-                self._tell_running(session_id, RemoveService(service_id, reply), reply)
+                self._tell_running(
+                    session_id, RemoveService(service_id, reply), reply, message.access
+                )
             case LiveKitEvent(event=event):
                 self._route(event)
             case ActorExited(session_id=session_id, task=task):
@@ -394,22 +423,42 @@ class Supervisor:
         registry = self._registry
         match message:
             case RegisterService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
-                record = registry.register(sid, endpoint, meta)
+                if registry.find(sid) is None and len(registry.all()) >= self._max_services:
+                    raise TooManyRequests(
+                        f"the registry holds its most microservices ({self._max_services})",
+                        retry_after=LIMIT_RETRY_AFTER,
+                    )
+                record = registry.register(sid, endpoint, meta, owner=message.access.owner)
                 self._persist_registration(
-                    record, reply, lambda: registry.forget(sid), EventType.MICROSERVICE_REGISTERED
+                    record,
+                    reply,
+                    lambda: registry.forget(sid),
+                    EventType.MICROSERVICE_REGISTERED,
+                    answer=_secret_answer(record),
                 )
             case UpdateService(service_id=sid, endpoint=endpoint, metadata=meta, reply=reply):
+                _check_service_owner(registry.get(sid), message.access)
                 record, undo = registry.update(
                     sid, endpoint=endpoint, metadata=meta, draining=message.draining
                 )
                 self._persist_registration(record, reply, undo, EventType.MICROSERVICE_UPDATED)
             case DrainService(service_id=sid, reply=reply):
+                _check_service_owner(registry.get(sid), message.access)
                 record, undo = registry.update(sid, draining=True)
                 self._persist_registration(record, reply, undo, EventType.MICROSERVICE_UPDATED)
             case DeregisterService(service_id=sid, reply=reply):
+                _check_service_owner(registry.get(sid), message.access)
                 record, undo = registry.deregister(sid)
                 self._persist_registration(record, reply, undo, EventType.MICROSERVICE_DEREGISTERED)
+            case RotateServiceSecret(service_id=sid, reply=reply):
+                _check_service_owner(registry.get(sid), message.access)
+                record, undo = registry.rotate_secret(sid)  # signs with the new one at once
+                secret = _secret_answer(record)
+                self._persist_registration(
+                    record, reply, undo, EventType.MICROSERVICE_UPDATED, answer=secret
+                )
             case GetService(service_id=sid, reply=reply):
+                _check_service_owner(registry.get(sid), message.access)
                 settle(reply, registry.get(sid).view())
             case ListServices(service_type=service_type, status=status, reply=reply):
                 records = registry.listing(service_type=service_type, status=status)
@@ -421,9 +470,12 @@ class Supervisor:
         reply: asyncio.Future[JsonDict],
         undo: Callable[[], None],
         event: EventType,
+        *,
+        answer: JsonDict | None = None,
     ) -> None:
-        """Write the change made in memory; answer once durable, or undo it and say why.
-        Writes for one service id run one after another, so the last change is the one kept."""
+        """Write the change made in memory; answer once durable (with the view, or `answer`),
+        or undo it and say why. Writes for one service id run one after another, so the last
+        change is the one kept."""
         service_id = record.service_id
         previous = self._registry_writes.get(service_id)
 
@@ -444,7 +496,7 @@ class Supervisor:
                 return
             log.info(event.value, extra={"service_id": service_id})
             self._events.append(event, service_id=service_id, data=record.view())
-            settle(reply, record.view())
+            settle(reply, record.view() if answer is None else answer)
 
         task = asyncio.create_task(write())
         self._registry_writes[service_id] = task
@@ -529,26 +581,34 @@ class Supervisor:
 
     # sessions --------------------------------------------------------------------------------
 
-    async def _stored_view(self, session_id: str) -> JsonDict:
+    async def _stored_view(self, session_id: str, access: Access = OPEN_ACCESS) -> JsonDict:
         view = await self._store.get_session(session_id)
         if view is None:
             raise NotFound(f"Session {session_id} not found")
+        _check_session_owner(session_id, view.get("owner"), access)
         return view
 
-    def _tell_running(self, session_id: str, message: Any, reply: asyncio.Future[Any]) -> None:
+    def _tell_running(
+        self,
+        session_id: str,
+        message: Any,
+        reply: asyncio.Future[Any],
+        access: Access = OPEN_ACCESS,
+    ) -> None:
         child = self._children.get(session_id)
         if child is not None:
+            _check_session_owner(session_id, child.actor.record.owner, access)
             child.actor.tell(message)
             return
 
         async def not_running() -> Any:
-            await self._stored_view(session_id)  # NotFound when it never existed
+            await self._stored_view(session_id, access)  # NotFound when it never existed
             raise Conflict(f"Session {session_id} has ended")
 
         self._offload(not_running(), reply=reply)
 
     def _create_session(self, message: CreateSession) -> None:
-        self._check_can_create()
+        self._check_can_create(message.spec)
         key = message.idempotency_key
         if key is None:
             self._spawn_session(message.spec, message.reply)
@@ -565,7 +625,7 @@ class Supervisor:
         self._pending_creates[key] = pending
         self._offload(self._store.get_idempotency(key), then=self._idempotency_looked_up(key))
 
-    def _check_can_create(self) -> None:
+    def _check_can_create(self, spec: NewSession | None = None) -> None:
         if not self._accepting:
             raise ShuttingDown("the session manager is shutting down")
         livekit = self._board.problem(LIVEKIT)
@@ -575,6 +635,21 @@ class Supervisor:
         if store is not None:
             raise StoreUnavailable(f"sessions cannot be stored now: {store.reason}")
         self._store.check_capacity()
+        if len(self._children) >= self._max_live_sessions:
+            raise AtCapacity(
+                f"the session manager runs its most live sessions ({self._max_live_sessions})",
+                retry_after=LIMIT_RETRY_AFTER,
+            )
+        per_user = self._max_sessions_per_user
+        if (
+            spec is not None
+            and per_user is not None
+            and self._live_per_user.get(spec.user_identity, 0) >= per_user
+        ):
+            raise TooManyRequests(
+                f"user_identity: has its most live sessions ({per_user})",
+                retry_after=LIMIT_RETRY_AFTER,
+            )
 
     def _idempotency_looked_up(self, key: str) -> Callable[[asyncio.Future[JsonDict | None]], None]:
         def decide(task: asyncio.Future[JsonDict | None]) -> None:
@@ -601,7 +676,7 @@ class Supervisor:
     def _spawn_idempotent(self, key: str, pending: _PendingCreate) -> None:
         outcome: asyncio.Future[SessionCreated] = asyncio.get_running_loop().create_future()
         try:
-            self._check_can_create()
+            self._check_can_create(pending.spec)
             self._spawn_session(pending.spec, outcome)
         except ManagerError as exc:
             del self._pending_creates[key]
@@ -677,6 +752,7 @@ class Supervisor:
                 )
                 for requirement, record in chosen.items()
             },
+            owner=spec.owner,
         )
         actor = SessionActor(session, self._deps, self._publish)
         task = asyncio.create_task(actor.run(), name=f"session-{session_id}")
@@ -684,6 +760,8 @@ class Supervisor:
         self._children[session_id] = _Child(actor, task)
         self.sessions_created += 1
         self._rooms[room_name] = session_id
+        user = spec.user_identity
+        self._live_per_user[user] = self._live_per_user.get(user, 0) + 1
         log.debug(
             "session created",
             extra={"session_id": session_id, "room_name": room_name, "services": len(chosen)},
@@ -749,6 +827,10 @@ class Supervisor:
         if child is not None:
             self._rooms.pop(child.actor.record.room_name, None)
             self.sessions_ended += 1
+            user = child.actor.record.user_identity
+            left = self._live_per_user.pop(user, 1) - 1
+            if left > 0:
+                self._live_per_user[user] = left
         self._views.pop(session_id, None)
         self._registry.release_session(session_id)
         if not task.cancelled() and task.exception() is not None:
@@ -779,6 +861,24 @@ def _answer_from(
 ) -> None:
     error = outcome.exception()
     settle(waiter, None if error else outcome.result(), error)
+
+
+def _secret_answer(record: ServiceRecord) -> JsonDict:
+    """The answer of a registration or a rotation: its secret as it is now (the one time it is
+    handed out), apart from the view, which never holds it."""
+    return {"service_id": record.service_id, "signing_secret": record.signing_secret}
+
+
+def _check_session_owner(session_id: str, owner: str | None, access: Access) -> None:
+    """A session created with another API key does not exist for this caller: 404."""
+    if not access.may_use(owner):
+        raise NotFound(f"Session {session_id} not found")
+
+
+def _check_service_owner(record: ServiceRecord, access: Access) -> None:
+    """A registration made with another API key may be read and changed only by an admin."""
+    if not access.may_use(record.owner):
+        raise Forbidden(f"Microservice {record.service_id} was registered with another API key")
 
 
 def _different_body(key: str) -> Conflict:

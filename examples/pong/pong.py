@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -84,9 +85,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--type", default="PONG", help="service type sent in the metadata")
     parser.add_argument(
+        "--trust-livekit-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a LiveKit URL join-room may name besides the one the manager reports (repeatable)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # The manager's API key (scope `service`) comes from the environment, not argv, where
+    # every user of the machine could read it.
+    args.api_key = os.environ.get("SESSION_MANAGER_API_KEY") or None
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         manager_url=args.manager_url,
         metadata={"type": args.type},
         advertise_url=args.advertise_url,
+        trusted_livekit_urls=args.trust_livekit_url,
+        api_key=args.api_key,
     )
     try:
         runner.run()

@@ -1,5 +1,9 @@
-"""The aiohttp application: routes, the error middleware, and the daemon's lifetime as one
-cleanup context (started before the first request, closed after the last)."""
+"""The aiohttp application: routes, the middlewares, and the daemon's lifetime as one cleanup
+context (started before the first request, closed after the last).
+
+Middlewares, outermost first: the CORS preflight (a browser sends no key on one), the error
+middleware (every refusal below it is an envelope), then authentication, scopes and the rate
+limit (`api.auth`)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from session_manager.api.auth import KeyTable, RateLimit, RateLimiter, access_of, auth_middleware
 from session_manager.api.cors import CorsPolicy
 from session_manager.api.errors import error_middleware
 from session_manager.api.routes import DAEMON, routes
@@ -22,9 +27,15 @@ from session_manager.session.states import SessionStatus
 def create_app(settings: Settings, *, api_port: int | None = None) -> web.Application:
     """`api_port` is the port this API really listens on: the managed LiveKit posts its
     webhooks there. It defaults to `settings.port`."""
-    cors = CorsPolicy(settings.cors_allow_origins)
+    keys = KeyTable.parse(entry.get_secret_value() for entry in settings.api_keys)
+    origins = settings.cors_allow_origins
+    if origins is None:  # left at its default: any origin in the open mode, none with keys
+        origins = [] if keys.enabled else ["*"]
+    cors = CorsPolicy(origins)
+    limiter = RateLimiter(RateLimit.parse(settings.rate_limit)) if settings.rate_limit else None
     app = web.Application(
-        middlewares=[cors.middleware(), error_middleware], client_max_size=settings.max_body_bytes
+        middlewares=[cors.middleware(), error_middleware, auth_middleware(keys, limiter)],
+        client_max_size=settings.max_body_bytes,
     )
     app.on_response_prepare.append(cors.response_hook())
     app.add_routes(routes)
@@ -41,8 +52,9 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
 
     async def session_presence(request: web.Request, session_id: str) -> SessionPresence:
         try:
+            # Another key's session is unknown to a client: its stream is 404 too.
             view: JsonDict = await request.app[DAEMON].supervisor.ask(
-                lambda reply: GetSession(session_id, reply)
+                lambda reply: GetSession(session_id, reply, access=access_of(request))
             )
         except NotFound:
             return SessionPresence.UNKNOWN
@@ -54,6 +66,7 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
         event_log=lambda request: request.app[DAEMON].events,
         session_presence=session_presence,
         keepalive=settings.event_keepalive,
+        max_streams=settings.max_event_streams,
     )
     app.cleanup_ctx.append(daemon_context)
     app.on_shutdown.append(stop_taking_sessions)

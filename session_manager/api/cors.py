@@ -1,6 +1,10 @@
 """Cross-origin access, so the browser client of the API document (a page calling `fetch` on
 http://localhost:8080 from its own origin) works: preflights are answered here, and every
-answer, errors and event streams included, says which origins may read it."""
+answer, errors and event streams included, says which origins may read it.
+
+The origins are `cors_allow_origins`; left unset, that is any origin (`*`) without API keys and
+none with them. A preflight carries no key (browsers send none), so it is answered before
+authentication; the request that follows it needs its key like any other."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 ALLOWED_METHODS = "GET, POST, PUT, DELETE, OPTIONS"
 ALLOWED_HEADERS = "Content-Type, Idempotency-Key, Last-Event-ID, Authorization"
 PREFLIGHT_MAX_AGE = "600"
+EXPOSED_HEADERS = "Retry-After, WWW-Authenticate"  # what a page may read of an answer
 
 ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
@@ -52,6 +57,7 @@ class CorsPolicy:
             origin = self.origin_for(request)
             if origin is not None:
                 response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+                response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = EXPOSED_HEADERS
                 if origin != "*":
                     response.headers[hdrs.VARY] = hdrs.ORIGIN
 

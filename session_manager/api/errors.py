@@ -20,12 +20,14 @@ log = logging.getLogger(__name__)
 _HTTP_CODES = {
     400: "InvalidRequest",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "NotFound",
     405: "MethodNotAllowed",
     408: "Timeout",
     413: "PayloadTooLarge",
     414: "URITooLong",
     415: "UnsupportedMediaType",
+    429: "TooManyRequests",
     431: "RequestHeaderFieldsTooLarge",
 }
 
@@ -91,7 +93,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 "request failed",
                 extra={"path": request.path, "error": exc.code, "detail": exc.message},
             )
-        return envelope(exc.status, exc.code, exc.message)
+        return envelope(exc.status, exc.code, exc.message, exc.headers or None)
     except ValidationError as exc:
         return envelope(400, "InvalidRequest", describe_validation_error(exc))
     except web.RequestPayloadError:

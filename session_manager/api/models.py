@@ -28,6 +28,7 @@ from session_manager.api.limits import (
     check_text,
     limits_of,
 )
+from session_manager.egress import check_endpoint_form
 
 # Identities and names end up in LiveKit tokens and in URLs: no whitespace, slashes or '?#'.
 ServiceId = Annotated[
@@ -40,7 +41,9 @@ UserIdentity = Annotated[
 UserName = Annotated[
     str, AfterValidator(partial(check_text, max_bytes=MAX_USER_NAME_BYTES, blank=True))
 ]
-Endpoint = Annotated[str, AfterValidator(check_endpoint)]
+# An absolute http(s) URL without user-info, query or fragment (where it may point is checked
+# against endpoint_allow by the route: that needs the settings and a name look-up).
+Endpoint = Annotated[str, AfterValidator(check_endpoint), AfterValidator(check_endpoint_form)]
 
 
 def _session_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
@@ -77,6 +80,10 @@ class RegisterServiceResponse(BaseModel):
     success: bool = True
     service_id: str
     message: str = "Microservice registered successfully"
+    # Added to the spec's fields: the secret that signs every call to the service (handed out
+    # this once; see "Signed calls to microservices"), and the LiveKit URL its calls will name.
+    signing_secret: str
+    livekit_url: str
 
 
 class CreateSessionRequest(_Request):

@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from session_manager import __version__
+from session_manager.api.auth import access_of
 from session_manager.api.limits import (
     MAX_IDEMPOTENCY_KEY,
     MAX_SESSIONS_PAGE,
@@ -45,6 +46,7 @@ from session_manager.commands import (
     NewSession,
     RegisterService,
     RemoveSessionService,
+    RotateServiceSecret,
     UpdateService,
 )
 from session_manager.daemon import WEBHOOK_PATH, Daemon
@@ -154,10 +156,26 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.post("/api/v1/microservices/register")
 async def register_microservice(request: web.Request) -> web.Response:
     body = await _validated(request, RegisterServiceRequest)
-    await _supervisor(request).ask(
-        lambda reply: RegisterService(body.service_id, body.endpoint, body.metadata, reply)
+    access = access_of(request)
+    daemon = request.app[DAEMON]
+    await daemon.egress.check_registration(body.endpoint)  # endpoint_allow, before anything
+    registered: JsonDict = await _supervisor(request).ask(
+        lambda reply: RegisterService(
+            body.service_id, body.endpoint, body.metadata, reply, access=access
+        )
     )
-    return json_response(RegisterServiceResponse(service_id=body.service_id))
+    answer = RegisterServiceResponse(
+        service_id=body.service_id,
+        signing_secret=registered["signing_secret"],
+        livekit_url=daemon.gateway.endpoint.public_url,
+    )
+    return _no_store(json_response(answer))
+
+
+def _no_store(response: web.Response) -> web.Response:
+    """An answer that carries a secret is kept by no cache."""
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -174,6 +192,9 @@ async def create_session(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"{IDEMPOTENCY_HEADER}: must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
         )
+    owner = access_of(request).owner
+    if key is not None and owner is not None:
+        key = f"{owner}/{key}"  # each API key has its own idempotency keys
     spec = NewSession(
         user_identity=body.user_identity,
         user_name=body.user_name,
@@ -184,6 +205,7 @@ async def create_session(request: web.Request) -> web.Response:
         options=CreateOptions(
             wait_until_ready=body.wait_until_ready, wait_timeout=body.timeout_secs
         ),
+        owner=owner,
     )
     # "The same body" means the same request once parsed: key order and spacing do not count.
     # Only a request with a key is compared, so only then is the hash worth its cost.
@@ -217,7 +239,9 @@ async def list_sessions(request: web.Request) -> web.Response:
     limit = _int_param(query, "limit", default=DEFAULT_PAGE, low=1, high=MAX_PAGE)
     before = decode_cursor(query["cursor"]) if query.get("cursor") else None
     views: list[JsonDict] = await _supervisor(request).ask(
-        lambda reply: ListSessions(status, query.get("user_identity"), limit + 1, before, reply)
+        lambda reply: ListSessions(
+            status, query.get("user_identity"), limit + 1, before, reply, access=access_of(request)
+        )
     )
     page, more = views[:limit], len(views) > limit
     next_cursor = encode_cursor(page[-1]) if more else None
@@ -227,14 +251,18 @@ async def list_sessions(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
-    view: JsonDict = await _supervisor(request).ask(lambda reply: GetSession(session_id, reply))
+    view: JsonDict = await _supervisor(request).ask(
+        lambda reply: GetSession(session_id, reply, access=access_of(request))
+    )
     return json_response(view)
 
 
 @routes.delete("/api/v1/sessions/{session_id}")
 async def delete_session(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
-    view: JsonDict = await _supervisor(request).ask(lambda reply: DeleteSession(session_id, reply))
+    view: JsonDict = await _supervisor(request).ask(
+        lambda reply: DeleteSession(session_id, reply, access=access_of(request))
+    )
     return json_response(view)
 
 
@@ -243,7 +271,7 @@ async def add_session_service(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     body = await _validated(request, AddServiceRequest)
     view: JsonDict = await _supervisor(request).ask(
-        lambda reply: AddSessionService(session_id, body.service, reply)
+        lambda reply: AddSessionService(session_id, body.service, reply, access=access_of(request))
     )
     return json_response(view)
 
@@ -252,7 +280,7 @@ async def add_session_service(request: web.Request) -> web.Response:
 async def remove_session_service(request: web.Request) -> web.Response:
     session_id, service_id = request.match_info["session_id"], request.match_info["service_id"]
     view: JsonDict = await _supervisor(request).ask(
-        lambda reply: RemoveSessionService(session_id, service_id, reply)
+        lambda reply: RemoveSessionService(session_id, service_id, reply, access=access_of(request))
     )
     return json_response(view)
 
@@ -269,7 +297,9 @@ async def list_microservices(request: web.Request) -> web.Response:
 @routes.get("/api/v1/microservices/{service_id}")
 async def get_microservice(request: web.Request) -> web.Response:
     service_id = request.match_info["service_id"]
-    view: JsonDict = await _supervisor(request).ask(lambda reply: GetService(service_id, reply))
+    view: JsonDict = await _supervisor(request).ask(
+        lambda reply: GetService(service_id, reply, access=access_of(request))
+    )
     return json_response(view)
 
 
@@ -277,8 +307,13 @@ async def get_microservice(request: web.Request) -> web.Response:
 async def update_microservice(request: web.Request) -> web.Response:
     service_id = request.match_info["service_id"]
     body = await _validated(request, UpdateServiceRequest)
+    access = access_of(request)
+    if body.endpoint is not None:
+        await request.app[DAEMON].egress.check_registration(body.endpoint)
     view: JsonDict = await _supervisor(request).ask(
-        lambda reply: UpdateService(service_id, body.endpoint, body.metadata, body.draining, reply)
+        lambda reply: UpdateService(
+            service_id, body.endpoint, body.metadata, body.draining, reply, access=access
+        )
     )
     return json_response(view)
 
@@ -286,7 +321,9 @@ async def update_microservice(request: web.Request) -> web.Response:
 @routes.delete("/api/v1/microservices/{service_id}")
 async def deregister_microservice(request: web.Request) -> web.Response:
     service_id = request.match_info["service_id"]
-    await _supervisor(request).ask(lambda reply: DeregisterService(service_id, reply))
+    await _supervisor(request).ask(
+        lambda reply: DeregisterService(service_id, reply, access=access_of(request))
+    )
     return json_response(
         {"success": True, "service_id": service_id, "message": "Microservice deregistered"}
     )
@@ -295,8 +332,27 @@ async def deregister_microservice(request: web.Request) -> web.Response:
 @routes.post("/api/v1/microservices/{service_id}/drain")
 async def drain_microservice(request: web.Request) -> web.Response:
     service_id = request.match_info["service_id"]
-    view: JsonDict = await _supervisor(request).ask(lambda reply: DrainService(service_id, reply))
+    view: JsonDict = await _supervisor(request).ask(
+        lambda reply: DrainService(service_id, reply, access=access_of(request))
+    )
     return json_response(view)
+
+
+@routes.post("/api/v1/microservices/{service_id}/rotate-secret")
+async def rotate_microservice_secret(request: web.Request) -> web.Response:
+    """A new signing secret for the registration, in force at once; answered this once."""
+    service_id = request.match_info["service_id"]
+    rotated: JsonDict = await _supervisor(request).ask(
+        lambda reply: RotateServiceSecret(service_id, reply, access=access_of(request))
+    )
+    answer = {
+        "success": True,
+        "service_id": service_id,
+        "signing_secret": rotated["signing_secret"],
+        "livekit_url": request.app[DAEMON].gateway.endpoint.public_url,
+        "message": "Signing secret rotated",
+    }
+    return _no_store(json_response(answer))
 
 
 @routes.post(WEBHOOK_PATH)

@@ -14,8 +14,8 @@ One writer, many readers, nobody waits on anybody:
 - `sse` exposes both over HTTP (`add_event_routes`); it is the only module here that knows the
   aiohttp server.
 - `OutboundWebhooks.offer` (an `EventLog` listener) queues each event for every webhook target
-  that wants it; workers POST them signed (`signing`), in order per session, retrying with
-  back-off, from a bounded queue.
+  that wants it; workers POST them signed (`signing`: Standard Webhooks), in order per session,
+  retrying with back-off, from a bounded queue.
 
 No credential leaves in an event: `data` keys naming a token, secret, password or authorization
 are removed when the event is made.
@@ -37,11 +37,12 @@ from session_manager.events.outbound import (
 )
 from session_manager.events.signing import (
     ATTEMPT_HEADER,
-    EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
+    ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
-    sign,
+    as_whsec,
+    sign_headers,
     verify_signature,
 )
 from session_manager.events.sse import (
@@ -58,9 +59,9 @@ __all__ = [
     "ATTEMPT_HEADER",
     "DEFAULT_HISTORY",
     "EVENTS_PATH",
-    "EVENT_ID_HEADER",
     "EVENT_TYPE_HEADER",
     "EVENT_TYPE_NAMES",
+    "ID_HEADER",
     "SESSION_EVENTS_PATH",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
@@ -79,7 +80,8 @@ __all__ = [
     "WebhookPolicy",
     "WebhookTarget",
     "add_event_routes",
-    "sign",
+    "as_whsec",
+    "sign_headers",
     "sse_frame",
     "verify_signature",
 ]

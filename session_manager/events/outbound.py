@@ -14,7 +14,8 @@ logged and counted. Any other answer (3xx, 4xx) is final at once.
 
 The queue of a target holds at most `max_queue` events; when it is full, new events for that
 target are dropped (the ones already queued keep their order) and counted. Delivery is at least
-once: receivers should de-duplicate on `X-SessionManager-Event-Id`. Signing: see `signing`.
+once: receivers should de-duplicate on `webhook-id` (the event's id; a retry keeps it). Signing:
+Standard Webhooks, see `signing`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -32,14 +32,7 @@ import aiohttp
 
 from session_manager import __version__
 from session_manager.events.model import EVENT_TYPE_NAMES, Event
-from session_manager.events.signing import (
-    ATTEMPT_HEADER,
-    EVENT_ID_HEADER,
-    EVENT_TYPE_HEADER,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    sign,
-)
+from session_manager.events.signing import ATTEMPT_HEADER, EVENT_TYPE_HEADER, Secret, Signer
 from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
@@ -234,14 +227,15 @@ class OutboundWebhooks:
     def __init__(
         self,
         targets: Iterable[WebhookTarget],
-        secret: str | bytes,
+        secret: Secret,
         policy: WebhookPolicy | None = None,
     ) -> None:
         self._policy = policy or WebhookPolicy()
         self._queues = [_TargetQueue(target, self._policy) for target in targets]
         if self._queues and not secret:
             raise ValueError("webhook secret is required when webhook targets are configured")
-        self._secret = secret.encode() if isinstance(secret, str) else secret
+        # `whsec_…` or a plain string (its UTF-8 bytes are the key): see `signing`.
+        self._signer = Signer(secret) if secret else None
         self._http: aiohttp.ClientSession | None = None
         self._workers: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -385,16 +379,14 @@ class OutboundWebhooks:
         self._timers.add(handle)
 
     async def _attempt(self, target: WebhookTarget, event: Event, attempt: int) -> _Attempt:
-        assert self._http is not None
+        assert self._http is not None and self._signer is not None
         body = event.to_json()
-        sent_at = int(time.time())
         headers = {
             "Content-Type": "application/json",
-            EVENT_ID_HEADER: str(event.id),
             EVENT_TYPE_HEADER: event.type,
-            TIMESTAMP_HEADER: str(sent_at),
-            SIGNATURE_HEADER: sign(self._secret, sent_at, body),
             ATTEMPT_HEADER: str(attempt),
+            # Signed again at each attempt (its own timestamp), under the event's id.
+            **self._signer.headers(body, msg_id=str(event.id)),
         }
         try:
             async with self._http.post(

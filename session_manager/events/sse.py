@@ -19,7 +19,8 @@ package that knows aiohttp's server.
 Frames are `id: <id>\\nevent: <type>\\ndata: <event JSON>\\n\\n`; a stream quiet for
 `keepalive` seconds gets a `: keep-alive` comment (one shared timer serves every stream). A
 client too slow to keep up only falls behind in the history; past it, it gets one
-`EventsDropped` event naming the ids it missed.
+`EventsDropped` event naming the ids it missed. Past `max_streams` open streams, a new one is 429
+`TooManyRequests` with `Retry-After` (polling is not counted).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from enum import StrEnum
 import orjson
 from aiohttp import web
 
-from session_manager.errors import InvalidRequest, NotFound
+from session_manager.errors import InvalidRequest, NotFound, TooManyRequests
 from session_manager.events.log import EventLog
 from session_manager.events.model import EVENT_TYPE_NAMES, Event, EventType
 from session_manager.events.subscription import Subscription
@@ -47,6 +48,7 @@ DEFAULT_POLL_LIMIT = 100
 MAX_POLL_LIMIT = 1000
 MAX_EVENT_ID = 2**63 - 1  # ids are 64-bit counters: anything larger is a client's mistake
 WRITE_BATCH = 256
+STREAMS_RETRY_AFTER = 5  # seconds: Retry-After of a stream refused by max_streams
 
 KEEPALIVE_FRAME = b": keep-alive\n\n"
 SSE_HEADERS = {
@@ -172,12 +174,15 @@ class EventRoutes:
         session_presence: SessionPresenceLookup,
         *,
         keepalive: float = DEFAULT_KEEPALIVE,
+        max_streams: int | None = None,
     ) -> None:
         if keepalive <= 0:
             raise ValueError("keepalive must be positive")
         self._event_log = event_log
         self._session_presence = session_presence
         self._heartbeat = Heartbeat(keepalive)
+        self._max_streams = max_streams
+        self.open_streams = 0
 
     async def all_events(self, request: web.Request) -> web.StreamResponse:
         event_log = self._event_log(request)
@@ -237,6 +242,13 @@ class EventRoutes:
         until_terminated: bool,
         ended: bool,
     ) -> web.StreamResponse:
+        if self._max_streams is not None and self.open_streams >= self._max_streams:
+            subscription.close()
+            raise TooManyRequests(
+                f"Too many open event streams (at most {self._max_streams})",
+                retry_after=STREAMS_RETRY_AFTER,
+            )
+        self.open_streams += 1
         response = web.StreamResponse(headers=SSE_HEADERS)
         beat = self._heartbeat.join(subscription)
         try:
@@ -264,6 +276,7 @@ class EventRoutes:
                 extra={"path": request.path, "cursor": subscription.cursor},
             )
         finally:
+            self.open_streams -= 1
             self._heartbeat.leave(subscription)
             subscription.close()
         return response
@@ -284,9 +297,11 @@ def add_event_routes(
     event_log: EventLogGetter,
     session_presence: SessionPresenceLookup,
     keepalive: float = DEFAULT_KEEPALIVE,
+    max_streams: int | None = None,
 ) -> EventRoutes:
-    """Add `GET /api/v1/events` and `GET /api/v1/sessions/{session_id}/events` to `app`."""
-    routes = EventRoutes(event_log, session_presence, keepalive=keepalive)
+    """Add `GET /api/v1/events` and `GET /api/v1/sessions/{session_id}/events` to `app`; past
+    `max_streams` open streams a new one is 429 `TooManyRequests`."""
+    routes = EventRoutes(event_log, session_presence, keepalive=keepalive, max_streams=max_streams)
     app.router.add_get(EVENTS_PATH, routes.all_events, allow_head=False)
     app.router.add_get(SESSION_EVENTS_PATH, routes.session_events, allow_head=False)
     return routes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -118,19 +119,21 @@ class LiveKitGateway:
         if self._http is None:
             raise RuntimeError("LiveKitGateway used before start()")
         url = self.endpoint.api_url.rstrip("/") + "/"
+        # What callers and /health read names no address (issue 9: LiveKit's internal address
+        # stays out of error messages); the log says where.
         try:
             async with asyncio.timeout(self._timeout), self._http.get(url) as response:
                 body = await response.text(errors="replace")
         except TimeoutError as exc:
+            log.debug("livekit probe failed", extra={"url": url, "error": "timeout"})
             raise LiveKitUnavailable(
-                f"LiveKit at {url} unreachable: no answer within {self._timeout}s"
+                f"LiveKit unreachable: no answer within {self._timeout:g} s"
             ) from exc
         except aiohttp.ClientError as exc:
-            raise LiveKitUnavailable(f"LiveKit at {url} unreachable: {exc}") from exc
+            log.debug("livekit probe failed", extra={"url": url, "error": str(exc)})
+            raise LiveKitUnavailable(f"LiveKit unreachable: {_kind_of(exc)}") from exc
         if response.status != 200 or body.strip() != "OK":
-            raise LiveKitUnavailable(
-                f"LiveKit at {url} unreachable: GET / answered {response.status}"
-            )
+            raise LiveKitUnavailable(f"LiveKit unreachable: GET / answered {response.status}")
 
     async def list_rooms(self) -> dict[str, str]:
         """Every room LiveKit has now: its name and its metadata."""
@@ -187,4 +190,13 @@ class LiveKitGateway:
         except TimeoutError as exc:
             raise LiveKitUnavailable(f"LiveKit {method} timed out after {self._timeout}s") from exc
         except aiohttp.ClientError as exc:
-            raise LiveKitUnavailable(f"LiveKit is unreachable ({method}): {exc}") from exc
+            log.debug("livekit call failed", extra={"method": method, "error": str(exc)})
+            raise LiveKitUnavailable(f"LiveKit is unreachable ({method}): {_kind_of(exc)}") from exc
+
+
+def _kind_of(error: aiohttp.ClientError) -> str:
+    """What went wrong, without the address aiohttp puts in its messages."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        number = error.os_error.errno  # its strerror may quote the address: only the number
+        return f"connection failed ({os.strerror(number)})" if number else "connection failed"
+    return type(error).__name__

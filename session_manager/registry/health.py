@@ -1,5 +1,9 @@
 """The health monitor: calls `GET {endpoint}/health` on every registered service each interval
-and hands the results to the supervisor, which has the registry decide Healthy / Unhealthy."""
+and hands the results to the supervisor, which has the registry decide Healthy / Unhealthy.
+
+Its client is its own (the daemon gives it a connection pool apart from dispatch's), and at most
+`concurrency` checks run at once: many slow or dead registrations make a round longer, they
+never hold up a join-room call."""
 
 from __future__ import annotations
 
@@ -29,10 +33,14 @@ class HealthMonitor:
         interval: float,
         timeout: float,
         on_results: Callable[[HealthResults], None],
+        concurrency: int = 64,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self._registry = registry
         self._client = client
         self._timeout = timeout
+        self._slots = asyncio.Semaphore(concurrency)
         self._on_results = on_results
         self._rounds = Periodic(
             "health-monitor", self.check_all, interval=interval, jitter=JITTER, run_at_once=True
@@ -49,8 +57,12 @@ class HealthMonitor:
         if not services:
             return
         errors = await asyncio.gather(
-            *(self._client.check_health(endpoint, self._timeout) for _, endpoint in services)
+            *(self._check(service_id, endpoint) for service_id, endpoint in services)
         )
         self._on_results(
             [(service_id, error) for (service_id, _), error in zip(services, errors, strict=True)]
         )
+
+    async def _check(self, service_id: str, endpoint: str) -> str | None:
+        async with self._slots:
+            return await self._client.check_health(endpoint, self._timeout, service_id=service_id)

@@ -6,22 +6,55 @@ loop: it is the registry's one writer. The methods that change a registration ar
 task, answers the caller once it is durable, and undoes the change if it cannot be written.
 Health and load are live facts: after a restart every registration is `Unknown` until its
 first health check (which runs at once), and load is rebuilt by new sessions.
+
+Each registration has its own signing secret (`whsec_…`, Standard Webhooks): stored with it,
+answered once at registration and at rotation, never part of a view, event or log. Calls to a
+service are signed with its secret and with those of the other registrations at the same
+endpoint (`signing_secrets`), so one process registered under several ids, or registered by
+someone else too, verifies every call with the one secret it holds.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from session_manager.clock import rfc3339, utc_now
 from session_manager.errors import InvalidRequest, NoCapacity, NotFound
+from session_manager.events.signing import new_secret
 from session_manager.store.base import JsonDict, Store
 
 TYPE_PREFIX = "type:"
+MAX_SIGNATURES = 16  # signatures on one call: its registration's, then others at its endpoint
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+@lru_cache(maxsize=4096)
+def endpoint_key(endpoint: str) -> str:
+    """Where an endpoint really is, for finding the registrations that share one: scheme, host
+    (every loopback name and address counted as one), port, path."""
+    try:
+        parts = urlsplit(endpoint)
+        host = (parts.hostname or "").rstrip(".")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return endpoint
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if host in _LOOPBACK_NAMES or (address is not None and address.is_loopback):
+        host = "loopback"
+    elif address is not None:
+        host = str(address)
+    return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
 class ServiceStatus(StrEnum):
@@ -45,6 +78,9 @@ class ServiceRecord:
     last_check_at: datetime | None = None
     sessions: set[str] = field(default_factory=set)  # sessions it is dispatched into
     last_chosen: float = 0.0  # monotonic; ties in free capacity go to the least recently used
+    owner: str | None = None  # id of the API key that registered it (never the key)
+    # Signs every call to the service; stored, never in a view (repr=False: nor in a repr).
+    signing_secret: str = field(default_factory=new_secret, repr=False)
 
     @property
     def service_type(self) -> str | None:
@@ -99,6 +135,8 @@ class ServiceRecord:
             "draining": self.draining,
             "registered_at": rfc3339(self.registered_at),
             "updated_at": rfc3339(self.updated_at),
+            "owner": self.owner,
+            "signing_secret": self.signing_secret,
         }
 
     @classmethod
@@ -111,6 +149,9 @@ class ServiceRecord:
             registered_at=registered,
             updated_at=datetime.fromisoformat(stored.get("updated_at") or stored["registered_at"]),
             draining=bool(stored.get("draining", False)),
+            owner=stored.get("owner"),
+            # Stored before secrets existed: one is made now (and `Registry.load` stores it).
+            signing_secret=stored.get("signing_secret") or new_secret(),
             # Yesterday's endpoint may be dead today: nothing is sent to it until it answers.
             status=ServiceStatus.UNKNOWN,
         )
@@ -130,20 +171,34 @@ class Registry:
         self._services: dict[str, ServiceRecord] = {}
         self._unhealthy_after = unhealthy_after
         self._healthy_after = healthy_after
+        # endpoint_key -> ids registered there; entries are added on every change of an
+        # endpoint and dropped when found stale (see signing_secrets).
+        self._by_endpoint: dict[str, set[str]] = {}
 
     async def load(self) -> None:
+        stored = await self._store.load_services()
         self._services = {
-            record.service_id: record
-            for record in map(ServiceRecord.from_stored, await self._store.load_services())
+            record.service_id: record for record in map(ServiceRecord.from_stored, stored)
         }
+        for record in self._services.values():
+            self._index(record)
+        for entry in stored:  # stored before signing secrets: keep the one made at load
+            if not entry.get("signing_secret"):
+                await self._store.save_service(self._services[entry["service_id"]].stored())
+
+    def _index(self, record: ServiceRecord) -> None:
+        self._by_endpoint.setdefault(endpoint_key(record.endpoint), set()).add(record.service_id)
 
     # registrations (memory; the supervisor persists them) ------------------------------------
 
-    def register(self, service_id: str, endpoint: str, metadata: dict[str, Any]) -> ServiceRecord:
+    def register(
+        self, service_id: str, endpoint: str, metadata: dict[str, Any], owner: str | None = None
+    ) -> ServiceRecord:
         if service_id in self._services:
             raise InvalidRequest("Service ID already exists")
-        record = ServiceRecord(service_id, endpoint, metadata)
+        record = ServiceRecord(service_id, endpoint, metadata, owner=owner)
         self._services[service_id] = record
+        self._index(record)
         return record
 
     def update(
@@ -160,9 +215,11 @@ class Registry:
 
         def undo() -> None:
             record.endpoint, record.metadata, record.draining, record.updated_at = old
+            self._index(record)
 
         if endpoint is not None:
             record.endpoint = endpoint
+            self._index(record)
         if metadata is not None:
             record.metadata = metadata
         if draining is not None:
@@ -176,7 +233,20 @@ class Registry:
 
         def undo() -> None:
             self._services.setdefault(service_id, record)
+            self._index(record)
 
+        return record, undo
+
+    def rotate_secret(self, service_id: str) -> tuple[ServiceRecord, Callable[[], None]]:
+        """Give a registration a new signing secret, in force at once (calls from now on are
+        signed with it); returns it and the way to undo the change."""
+        record = self.get(service_id)
+        old = record.signing_secret
+
+        def undo() -> None:
+            record.signing_secret = old
+
+        record.signing_secret = new_secret()
         return record, undo
 
     def forget(self, service_id: str) -> None:
@@ -203,6 +273,29 @@ class Registry:
 
     def find(self, service_id: str) -> ServiceRecord | None:
         return self._services.get(service_id)
+
+    def signing_secrets(self, service_id: str, endpoint: str) -> list[str]:
+        """The secrets a call for `service_id` to `endpoint` is signed with: its own first, then
+        those of the other registrations at the same endpoint (oldest first), at most
+        MAX_SIGNATURES. Another registration's signature only lets that service accept a call
+        the manager really makes to it; nobody learns a secret that is not theirs.
+        (Only drops stale entries of its look-up index: registrations are not changed.)"""
+        own = self._services.get(service_id)
+        key = endpoint_key(endpoint)
+        ids = self._by_endpoint.get(key, set())
+        others = []
+        for other_id in list(ids):
+            record = self._services.get(other_id)
+            if record is None or endpoint_key(record.endpoint) != key:
+                ids.discard(other_id)  # deregistered or moved since
+            elif record is not own:
+                others.append(record)
+        if not ids:
+            self._by_endpoint.pop(key, None)
+        others.sort(key=lambda record: (record.registered_at, record.service_id))
+        secrets = [own.signing_secret] if own is not None else []
+        secrets.extend(record.signing_secret for record in others)
+        return secrets[:MAX_SIGNATURES]
 
     def all(self) -> list[ServiceRecord]:
         return list(self._services.values())

@@ -1,4 +1,11 @@
-"""The HTTP endpoints the manager calls on a microservice: join-room, leave-room, health."""
+"""The HTTP endpoints the manager calls on a microservice: join-room, leave-room, health.
+
+join-room and leave-room act only on calls the manager signed (`CallVerifier`): anything else
+is answered 401 and does nothing. /health answers unsigned probes (load balancers, people) and
+verifies a signed one, so a manager signing with a secret this service does not hold sees 401
+and marks it Unhealthy. join-room connects only to a LiveKit the service trusts
+(`TrustedLiveKit`); another `livekit_url` is answered 403 without connecting.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from .payloads import (
     ServiceReply,
 )
 from .room_sessions import JoinStatus, RoomSessions
+from .verification import SIGNED_HEADERS, CallVerifier, TrustedLiveKit
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +64,17 @@ def _describe_invalid(error: ValidationError) -> str:
 
 
 class MicroserviceRoutes:
-    def __init__(self, service_id: str, sessions: RoomSessions) -> None:
+    def __init__(
+        self,
+        service_id: str,
+        sessions: RoomSessions,
+        verifier: CallVerifier,
+        trusted_livekit: TrustedLiveKit,
+    ) -> None:
         self._service_id = service_id
         self._sessions = sessions
+        self._verifier = verifier
+        self._trusted_livekit = trusted_livekit
 
     def build_app(self) -> web.Application:
         app = web.Application()
@@ -81,12 +97,38 @@ class MicroserviceRoutes:
         logger.warning("rejected malformed request", extra={"path": what, "session_id": session_id})
         return self._reply(success=False, message=message, session_id=session_id, status=400)
 
+    async def _unverified(
+        self, what: str, request: web.Request, body: bytes
+    ) -> web.Response | None:
+        """401 for a call the manager did not sign (or signed too long ago, or already sent)."""
+        reason = await self._verifier.verify(body, request.headers)
+        if reason is None:
+            return None
+        logger.warning("refused an unverified call", extra={"path": what, "reason": reason})
+        return self._reply(
+            success=False, message=f"Unauthorized: {reason}", session_id=None, status=401
+        )
+
     async def join_room(self, request: web.Request) -> web.Response:
         body = await request.read()
+        refused = await self._unverified("join-room", request, body)
+        if refused is not None:
+            return refused
         try:
             join = JoinRoomRequest.model_validate_json(body)
         except ValidationError as error:
             return self._bad_request("join-room", body, error)
+        if not self._trusted_livekit.trusts(join.livekit_url):
+            logger.warning(
+                "refused a join-room naming an untrusted LiveKit",
+                extra={"session_id": join.session_id},
+            )
+            return self._reply(
+                success=False,
+                message="livekit_url is not a LiveKit server this service trusts",
+                session_id=join.session_id,
+                status=403,
+            )
         outcome = await self._sessions.join(join)
         status = _JOIN_STATUS_HTTP[outcome.status]
         return self._reply(
@@ -98,6 +140,9 @@ class MicroserviceRoutes:
 
     async def leave_room(self, request: web.Request) -> web.Response:
         body = await request.read()
+        refused = await self._unverified("leave-room", request, body)
+        if refused is not None:
+            return refused
         try:
             leave = LeaveRoomRequest.model_validate_json(body)
         except ValidationError as error:
@@ -108,6 +153,10 @@ class MicroserviceRoutes:
         return self._reply(success=True, message=message, session_id=leave.session_id)
 
     async def health(self, request: web.Request) -> web.Response:
+        if any(name in request.headers for name in SIGNED_HEADERS):
+            refused = await self._unverified("health", request, await request.read())
+            if refused is not None:
+                return refused
         sessions = len(self._sessions.joined_ids())
         if self._sessions.closing:
             # Lets the manager stop sending work to a service that is on its way out.

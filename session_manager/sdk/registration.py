@@ -1,4 +1,10 @@
-"""Registering the service with the Session Manager, retrying while the manager is not up."""
+"""Registering the service with the Session Manager, retrying while the manager is not up.
+
+The register answer carries the registration's `signing_secret` (the manager signs every call to
+the service with it) and the `livekit_url` the manager hands out. A service that finds its id
+already registered (a restart) cannot know the secret the manager kept, so it asks for a new one
+(`POST /api/v1/microservices/{id}/rotate-secret`) before it takes itself out of draining.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,12 @@ import asyncio
 import enum
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+from standardwebhooks import Webhook
 
 from .payloads import RegisterRequest
 from .redaction import describe_error
@@ -21,7 +29,22 @@ SERVICES_PATH = "/api/v1/microservices"
 
 
 class RegistrationError(RuntimeError):
-    """The manager refused the registration for good (a 4xx other than "already exists")."""
+    """The manager refused the registration for good (a 4xx other than "already exists"), or
+    its answer lacks the signing secret (a manager older than this SDK)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What the manager's register (or rotate-secret) answer tells the service."""
+
+    signing_secret: str
+    livekit_url: str | None
+
+    def __repr__(self) -> str:  # never the secret
+        return f"Credentials(livekit_url={self.livekit_url!r})"
+
+
+OnCredentials = Callable[[Credentials], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +77,20 @@ class _Verdict(enum.Enum):
 class _Answer:
     verdict: _Verdict
     detail: str
+    body: Any = None  # the parsed JSON of a 2xx answer
+
+
+def _credentials(body: Any) -> Credentials | None:
+    if not isinstance(body, dict):
+        return None
+    secret, livekit_url = body.get("signing_secret"), body.get("livekit_url")
+    if not isinstance(secret, str) or not secret:
+        return None
+    try:
+        Webhook(secret)  # a whsec_ secret the verifier can use
+    except Exception:
+        return None
+    return Credentials(secret, livekit_url if isinstance(livekit_url, str) else None)
 
 
 def _manager_message(body: str) -> str:
@@ -76,7 +113,7 @@ def _judge(status: int, body: str) -> _Answer:
             parsed = None
         if isinstance(parsed, dict) and parsed.get("success") is False:
             return _Answer(_Verdict.REFUSED, f"HTTP {status}: {message}")
-        return _Answer(_Verdict.REGISTERED, message)
+        return _Answer(_Verdict.REGISTERED, message, parsed)
     # The manager answers a duplicate id with 400 "Service ID already exists": a restarted
     # service is still known to it, so carry on instead of failing to come up.
     if status == 400 and "already exists" in message.lower():
@@ -111,6 +148,36 @@ async def _refresh(
         return _Answer(_Verdict.RETRY, describe_error(error))
 
 
+async def _rotate(http: aiohttp.ClientSession, manager_url: str, service_id: str) -> _Answer:
+    url = f"{manager_url.rstrip('/')}{SERVICES_PATH}/{service_id}/rotate-secret"
+    try:
+        async with http.post(url) as response:
+            status, text = response.status, await response.text()
+    except (aiohttp.ClientError, TimeoutError) as error:
+        return _Answer(_Verdict.RETRY, describe_error(error))
+    answer = _judge(status, text)
+    if status == 404:  # the registration vanished in between: register again
+        return _Answer(_Verdict.RETRY, answer.detail)
+    if answer.verdict is _Verdict.ALREADY_REGISTERED:  # not an answer rotate gives
+        return _Answer(_Verdict.REFUSED, answer.detail)
+    return answer
+
+
+async def rotate_at_manager(
+    http: aiohttp.ClientSession, manager_url: str, service_id: str
+) -> Credentials:
+    """Ask the manager for a new signing secret (in force there at once). Raises
+    RegistrationError when it cannot be had."""
+    answer = await _rotate(http, manager_url, service_id)
+    credentials = _credentials(answer.body) if answer.verdict is _Verdict.REGISTERED else None
+    if credentials is None:
+        raise RegistrationError(
+            f"Session manager did not rotate the signing secret of {service_id!r}: "
+            f"{answer.detail or 'no signing_secret in its answer'}"
+        )
+    return credentials
+
+
 async def drain_at_manager(
     http: aiohttp.ClientSession, manager_url: str, service_id: str
 ) -> str | None:
@@ -130,8 +197,12 @@ async def register_until_accepted(
     manager_url: str,
     payload: RegisterRequest,
     backoff: RetryBackoff,
-) -> None:
+    on_credentials: OnCredentials | None = None,
+) -> Credentials:
     """POST the registration until the manager accepts it; retries forever on transient errors.
+    Returns the signing secret and LiveKit URL the manager answered, and hands them to
+    `on_credentials` as soon as they are known (before a refresh takes the service out of
+    draining, so that no call signed with the new secret finds the service without it).
 
     Raises RegistrationError when the manager refuses it. Stops only by cancellation otherwise,
     so the caller bounds it (the runner cancels it at shutdown). `http` carries the per-request
@@ -139,18 +210,26 @@ async def register_until_accepted(
     """
     url = manager_url.rstrip("/") + REGISTER_PATH
     log_fields = {"service_id": payload.service_id, "endpoint": payload.endpoint, "url": url}
+    learn = on_credentials or (lambda _: None)
     for attempt, delay in enumerate(backoff.delays(), start=1):
         answer = await _attempt(http, url, payload)
         if answer.verdict is _Verdict.REGISTERED:
+            credentials = _required_credentials(answer, payload.service_id)
+            learn(credentials)
             logger.info("registered with the session manager", extra=log_fields)
-            return
+            return credentials
         if answer.verdict is _Verdict.ALREADY_REGISTERED:
-            # A restarted service: bring the manager's record up to date (it may have moved to
+            # A restarted service: it cannot know the secret the manager kept, so it asks for a
+            # new one; then it brings the manager's record up to date (it may have moved to
             # another port, and it drained itself when it stopped).
-            answer = await _refresh(http, manager_url, payload)
+            answer = await _rotate(http, manager_url, payload.service_id)
             if answer.verdict is _Verdict.REGISTERED:
-                logger.info("registration refreshed with the session manager", extra=log_fields)
-                return
+                credentials = _required_credentials(answer, payload.service_id)
+                learn(credentials)
+                answer = await _refresh(http, manager_url, payload)
+                if answer.verdict is _Verdict.REGISTERED:
+                    logger.info("registration refreshed with the session manager", extra=log_fields)
+                    return credentials
         if answer.verdict is _Verdict.REFUSED:
             raise RegistrationError(
                 f"Session manager at {url} refused to register service "
@@ -161,3 +240,14 @@ async def register_until_accepted(
             extra={**log_fields, "attempt": attempt, "retry_in_s": delay, "error": answer.detail},
         )
         await asyncio.sleep(delay)
+    raise AssertionError("unreachable: the backoff delays never end")
+
+
+def _required_credentials(answer: _Answer, service_id: str) -> Credentials:
+    credentials = _credentials(answer.body)
+    if credentials is None:
+        raise RegistrationError(
+            f"Session manager answered the registration of {service_id!r} without a valid "
+            "signing_secret: it is older than this SDK, whose service refuses unsigned calls"
+        )
+    return credentials

@@ -60,6 +60,10 @@ class _RoomSession:
     # Set when LiveKit reports a disconnect before the connect call has returned.
     lost_while_connecting: str | None = None
     on_disconnected: Callable[[int], None] | None = None
+    # A join-room for this session that came while it was in the room ("Already in room"): if
+    # the room drops it next (LiveKit removed it, and the manager, told first, is dispatching it
+    # again), it joins again with this newer request instead of staying out.
+    rejoin: JoinRoomRequest | None = None
 
     @property
     def token(self) -> str:
@@ -134,6 +138,8 @@ class RoomSessions:
             return JoinOutcome(status, session.failure)
         if first_request:
             return JoinOutcome(JoinStatus.JOINED, f"Joined room {request.room_name}")
+        if session.phase is _Phase.JOINED:
+            session.rejoin = request
         # Reported against the room actually joined, whatever this repeated request says.
         return JoinOutcome(
             JoinStatus.ALREADY_JOINED, f"Already in room {session.request.room_name}"
@@ -263,7 +269,24 @@ class RoomSessions:
         session.phase = _Phase.LEAVING
         leave_reason = f"{LeaveReason.ROOM_DISCONNECTED}:{reason_name}"
         self._teardowns.spawn(
-            self._end(session, leave_reason), name=f"teardown {session.request.session_id}"
+            self._end_then_rejoin(session, leave_reason),
+            name=f"teardown {session.request.session_id}",
+        )
+
+    async def _end_then_rejoin(self, session: _RoomSession, reason: str) -> None:
+        await self._end(session, reason)
+        request = session.rejoin
+        if request is None or self._closing or request.session_id in self._sessions:
+            return  # nothing asked for it again, or a newer join-room is already at it
+        logger.info(
+            "joining again: the manager asked while the room was dropping us",
+            extra=session.log_fields(),
+        )
+        again = _RoomSession(request)
+        self._sessions[request.session_id] = again
+        # Owned like any connect: close() cancels it while it is CONNECTING.
+        again.connect_task = asyncio.create_task(
+            self._connect(again), name=f"connect room {request.room_name}"
         )
 
     async def _run_on_join(self, session: _RoomSession) -> None:

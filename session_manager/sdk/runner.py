@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -18,8 +18,15 @@ from .handler import SessionHandler
 from .http_routes import MicroserviceRoutes
 from .owned_tasks import cancel_and_wait
 from .payloads import RegisterRequest
-from .registration import RetryBackoff, drain_at_manager, register_until_accepted
+from .registration import (
+    Credentials,
+    RetryBackoff,
+    drain_at_manager,
+    register_until_accepted,
+    rotate_at_manager,
+)
 from .room_sessions import RoomFactory, RoomSessions
+from .verification import CallVerifier, TrustedLiveKit
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +43,16 @@ class MicroserviceRunner:
     Use it as ``async with MicroserviceRunner(...) as runner:`` or call `start()` / `aclose()`;
     `run()` does both around a wait for SIGINT/SIGTERM.
 
-    `manager_url=None` skips registration (for a manager that knows the service otherwise).
+    `manager_url=None` skips registration (for a manager that knows the service otherwise);
+    then `signing_secret` (the `whsec_…` the manager answered when the service was registered)
+    and `trusted_livekit_urls` are required.
     `room_factory` makes an unconnected `rtc.Room`; tests inject a fake one.
+
+    Only calls the manager signed are acted on (see `verification`): the secret comes from the
+    register answer (a restarted service asks the manager for a new one), or from
+    `signing_secret`; `rotate_secret()` gets a new one from the manager. join-room connects only
+    to the LiveKit URL the manager reported when it registered the service, or to one of
+    `trusted_livekit_urls`.
     """
 
     def __init__(
@@ -55,12 +70,24 @@ class MicroserviceRunner:
         request_timeout: float = 5.0,
         registration_backoff: RetryBackoff | None = None,
         shutdown_timeout: float = 10.0,
+        signing_secret: str | None = None,
+        trusted_livekit_urls: Iterable[str] = (),
+        api_key: str | None = None,
     ) -> None:
         if not service_id:
             raise ValueError("service_id must not be empty")
+        self._verifier = CallVerifier(signing_secret)
+        self._trusted_livekit = TrustedLiveKit(trusted_livekit_urls)
+        if manager_url is None and not self._verifier.has_secret:
+            raise ValueError("without manager_url, give signing_secret: unsigned calls are refused")
+        if manager_url is None and self._trusted_livekit.empty:
+            raise ValueError("without manager_url, give trusted_livekit_urls to join rooms")
         if connect_timeout <= 0 or request_timeout <= 0 or shutdown_timeout <= 0:
             raise ValueError("timeouts must be positive")
         self._service_id = service_id
+        # Sent as `Authorization: Bearer` on every call to the manager (register, drain,
+        # rotate-secret) when the manager has `api_keys`: a key with the `service` scope.
+        self._api_key = api_key
         self._host = host
         self._requested_port = port
         self._manager_url = manager_url
@@ -79,7 +106,7 @@ class MicroserviceRunner:
         self._app_runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._http: aiohttp.ClientSession | None = None
-        self._registration: asyncio.Task[None] | None = None
+        self._registration: asyncio.Task[Credentials] | None = None
         self._started = False
         self._registered = False
         self._closed = False
@@ -134,7 +161,9 @@ class MicroserviceRunner:
             raise
 
     async def _serve_http(self) -> None:
-        app = MicroserviceRoutes(self._service_id, self._sessions).build_app()
+        app = MicroserviceRoutes(
+            self._service_id, self._sessions, self._verifier, self._trusted_livekit
+        ).build_app()
         # The sessions are wound down before the server stops, so this only bounds requests
         # still in flight at the very end.
         self._app_runner = web.AppRunner(app, shutdown_timeout=self._shutdown_timeout)
@@ -154,20 +183,24 @@ class MicroserviceRunner:
         )
 
     async def _register(self, manager_url: str) -> None:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
         self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self._request_timeout)
+            timeout=aiohttp.ClientTimeout(total=self._request_timeout), headers=headers
         )
         payload = RegisterRequest(
             service_id=self._service_id, endpoint=self.endpoint, metadata=self._metadata
         )
         # A task of its own so that aclose() from elsewhere can stop the retry loop at once.
         task = asyncio.create_task(
-            register_until_accepted(self._http, manager_url, payload, self._backoff),
+            register_until_accepted(
+                self._http, manager_url, payload, self._backoff, on_credentials=self._learn
+            ),
             name=f"register {self._service_id}",
         )
         self._registration = task
         try:
-            await asyncio.wait({task})
+            with self._verifier.expecting_secret():
+                await asyncio.wait({task})
         except asyncio.CancelledError:
             await cancel_and_wait(task)  # start() was cancelled: nobody is left to register for
             raise
@@ -175,6 +208,22 @@ class MicroserviceRunner:
             raise ServiceClosedError("the runner was closed before registration completed")
         task.result()
         self._registered = True
+
+    def _learn(self, credentials: Credentials) -> None:
+        """The manager's answer: calls are verified with this secret from now on."""
+        self._verifier.set_secret(credentials.signing_secret)
+        self._trusted_livekit.report(credentials.livekit_url)
+
+    async def rotate_secret(self) -> None:
+        """Have the manager make a new signing secret for this service and use it at once
+        (the old one stops working at both ends). Raises RegistrationError if the manager
+        refuses; RuntimeError before registration."""
+        if not self._registered or self._http is None or self._manager_url is None:
+            raise RuntimeError("rotate_secret() needs a service registered with a manager")
+        with self._verifier.expecting_secret():
+            credentials = await rotate_at_manager(self._http, self._manager_url, self._service_id)
+            self._learn(credentials)
+        logger.info("signing secret rotated", extra={"service_id": self._service_id})
 
     async def aclose(self) -> None:
         """Stop accepting work, leave every room (on_leave reason "shutdown"), stop serving.

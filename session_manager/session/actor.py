@@ -96,6 +96,7 @@ class SessionDeps:
     client_join_timeout: float = 300.0
     client_reconnect_grace: float = 60.0
     deployment: str = "default"  # tags the rooms this deployment creates
+    max_session_duration: float = 86400.0  # caps every client token's lifetime (plus margins)
 
 
 def duration_limit(metadata: JsonDict) -> float | None:
@@ -130,11 +131,13 @@ def created_by(metadata: str) -> str | None:
 
 def token_ttl(deps: SessionDeps, metadata: JsonDict) -> timedelta:
     """How long the tokens of a session live: its duration limit plus the time to join and a
-    margin for reconnecting, or `client_token_ttl` for a session without a limit."""
+    margin for reconnecting, or `client_token_ttl` for a session without a limit; never longer
+    than `max_session_duration` with the same margins."""
+    cap = timedelta(seconds=deps.max_session_duration + deps.join_timeout) + TOKEN_MARGIN
     limit = duration_limit(metadata)
     if limit is None:
-        return timedelta(seconds=deps.client_token_ttl)
-    return timedelta(seconds=limit + deps.join_timeout) + TOKEN_MARGIN
+        return min(timedelta(seconds=deps.client_token_ttl), cap)
+    return min(timedelta(seconds=limit + deps.join_timeout) + TOKEN_MARGIN, cap)
 
 
 def mint_client_token(deps: SessionDeps, record: SessionRecord) -> str:
@@ -508,7 +511,7 @@ class SessionActor:
 
     async def _leave_room(self, slot: ServiceSlot) -> None:
         error = await self._deps.microservices.leave_room(
-            slot.endpoint, self.session_id, self.record.room_name
+            slot.endpoint, self.session_id, self.record.room_name, service_id=slot.service_id
         )
         if error is not None:
             log.info(
@@ -586,7 +589,11 @@ class SessionActor:
                 join_ms=slot.join_ms,
             )
             return True
-        if self._is_stale_leave(slot.participant_sid, event):
+        # Only the connection that joined can leave: a leave while the slot waits for its
+        # (re)dispatched instance to join is about an earlier connection, reported late.
+        if slot.state is not ServiceState.JOINED or self._is_stale_leave(
+            slot.participant_sid, event
+        ):
             log.debug(
                 "stale participant_left ignored", extra=self._log_extra(service_id=slot.service_id)
             )

@@ -93,6 +93,7 @@ class SessionRecord:
     client_left_at: datetime | None = None
     client_present: bool = False
     client_sid: str | None = None  # LiveKit's sid of the user's connection in the room now
+    owner: str | None = None  # id of the API key that created it (never the key); None: no keys
 
     @property
     def all_services_joined(self) -> bool:
@@ -130,4 +131,5 @@ class SessionRecord:
             "active_at": _ts(self.active_at),
             "terminated_at": _ts(self.terminated_at),
             "ready_ms": self.ready_ms,
+            "owner": self.owner,
         }

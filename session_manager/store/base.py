@@ -17,9 +17,13 @@ def listed_before(view: JsonDict, cursor: SessionCursor | None) -> bool:
     return cursor is None or (view["created_at"], view["session_id"]) < cursor
 
 
-def matches(view: JsonDict, status: str | None, user_identity: str | None) -> bool:
-    return (status is None or view["status"] == status) and (
-        user_identity is None or view["user_identity"] == user_identity
+def matches(
+    view: JsonDict, status: str | None, user_identity: str | None, owner: str | None = None
+) -> bool:
+    return (
+        (status is None or view["status"] == status)
+        and (user_identity is None or view["user_identity"] == user_identity)
+        and (owner is None or view.get("owner") == owner)
     )
 
 
@@ -72,8 +76,10 @@ class Store(Protocol):
         user_identity: str | None,
         limit: int,
         before: SessionCursor | None,
+        owner: str | None = None,
     ) -> list[JsonDict]:
-        """Newest first (created_at, then session_id, both descending), after `before`."""
+        """Newest first (created_at, then session_id, both descending), after `before`; only
+        those created with the API key whose id is `owner`, when it is given."""
 
     async def purge(self, *, sessions_created_before: str, keys_created_before: float) -> int:
         """Forget ended sessions created before the RFC 3339 time, and idempotency keys created

@@ -67,11 +67,12 @@ class MemoryStore:
         user_identity: str | None,
         limit: int,
         before: SessionCursor | None,
+        owner: str | None = None,
     ) -> list[JsonDict]:
         views = [
             v
             for v in self._sessions.values()
-            if matches(v, status, user_identity) and listed_before(v, before)
+            if matches(v, status, user_identity, owner) and listed_before(v, before)
         ]
         views.sort(key=lambda v: (v["created_at"], v["session_id"]), reverse=True)
         return views[:limit]

@@ -394,6 +394,7 @@ class SqliteStore:
         user_identity: str | None,
         limit: int,
         before: SessionCursor | None,
+        owner: str | None = None,
     ) -> list[JsonDict]:
         # Views not yet on disk are merged in rather than waited for: a disk that is failing or
         # slow must not stall every listing. Their stored rows are older, so those are skipped.
@@ -401,13 +402,14 @@ class SqliteStore:
         fresh = [
             view
             for view in waiting.values()
-            if matches(view, status, user_identity) and listed_before(view, before)
+            if matches(view, status, user_identity, owner) and listed_before(view, before)
         ]
         stored = await self._call(
             "list sessions",
             self._list_stored,
             status,
             user_identity,
+            owner,
             limit,
             before,
             frozenset(waiting),
@@ -420,6 +422,7 @@ class SqliteStore:
         self,
         status: str | None,
         user_identity: str | None,
+        owner: str | None,
         limit: int,
         before: SessionCursor | None,
         skip: frozenset[str],
@@ -434,6 +437,9 @@ class SqliteStore:
         if user_identity is not None:
             filters.append("user_identity = ?")
             params.append(user_identity)
+        if owner is not None:  # the id of the API key that created the session, in its view
+            filters.append("json_extract(CAST(body AS TEXT), '$.owner') = ?")
+            params.append(owner)
         found: list[JsonDict] = []
         cursor = before
         while True:

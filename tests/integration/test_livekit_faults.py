@@ -211,7 +211,8 @@ async def test_an_external_livekit_that_dies_and_comes_back(
 
         await livekit.kill()
         reason = livekit_problem(await wait_for_health(client, 503))
-        assert reason.startswith(f"LiveKit at http://127.0.0.1:{livekit.config.port}/ unreachable")
+        assert reason.startswith("LiveKit unreachable"), reason
+        assert str(livekit.config.port) not in reason  # no internal address in what callers read
         refused = await client.post(
             "/api/v1/create-session", json={"user_identity": "u", "required_services": []}
         )

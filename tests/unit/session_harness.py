@@ -89,7 +89,9 @@ class FakeMicroservices:
                 raise
         return self.outcomes.get(request.service_identity, DispatchOutcome(True, 1))
 
-    async def leave_room(self, endpoint: str, session_id: str, room_name: str) -> str | None:
+    async def leave_room(
+        self, endpoint: str, session_id: str, room_name: str, *, service_id: str | None = None
+    ) -> str | None:
         self.left.append((endpoint, session_id))
         return None
 

@@ -137,8 +137,8 @@ async def test_refused_connection_is_retried_then_reported(client: MicroserviceC
     closed = f"http://127.0.0.1:{free_port()}"
     outcome = await client.join_room(closed, REQUEST)
     assert not outcome.ok and outcome.attempts == 3
-    assert outcome.error is not None and "ClientConnectorError" in outcome.error
-    assert "secret-token" not in outcome.error
+    # Generic on purpose: the connection error's own words (addresses, errno) are not told.
+    assert outcome.error == "join-room failed: endpoint not reachable"
 
 
 async def test_body_that_is_not_json_fails_without_retry(

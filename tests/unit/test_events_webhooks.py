@@ -1,11 +1,13 @@
 """Outbound webhooks against real receivers on 127.0.0.1: signatures, retries, order per session,
-type filters, the bounded queue, shutdown; and the signature helpers receivers use."""
+type filters, the bounded queue, shutdown; and the signature helpers receivers use.
+
+Signatures are Standard Webhooks: receivers here verify them with the `standardwebhooks`
+package, as the README tells a receiver to."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
+import base64
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -13,10 +15,12 @@ from dataclasses import dataclass, field, replace
 import orjson
 import pytest
 from aiohttp import web
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from session_manager.events import (
-    EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
+    ID_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     Event,
@@ -25,13 +29,14 @@ from session_manager.events import (
     OutboundWebhooks,
     WebhookPolicy,
     WebhookTarget,
-    sign,
+    as_whsec,
+    sign_headers,
     verify_signature,
 )
 from tests.conftest import free_port
 
 T = EventType
-SECRET = "whsec-test"
+SECRET = "whsec_" + base64.b64encode(b"outbound-webhook-test-key-32-byte").decode()
 FAST = WebhookPolicy(timeout=2.0, max_attempts=4, base_backoff=0.01, max_backoff=0.05)
 
 Answer = Callable[["Delivery"], Awaitable[int]]
@@ -52,7 +57,7 @@ class Delivery:
 
     @property
     def event_id(self) -> int:
-        return int(self.headers[EVENT_ID_HEADER])
+        return int(self.headers[ID_HEADER])
 
 
 @dataclass
@@ -132,24 +137,21 @@ def interleaved_sessions(log: EventLog, per_session: int = 5) -> list[Event]:
     return events
 
 
-def documented_verify(secret: bytes, headers: dict[str, str], body: bytes) -> bool:
-    """The receiver snippet from the `signing` module's documentation, verbatim in spirit."""
-    timestamp = headers["X-SessionManager-Timestamp"]
-    if abs(time.time() - int(timestamp)) > 300:
+def documented_verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """The receiver snippet of the README: the `standardwebhooks` package, on the raw body."""
+    try:
+        Webhook(secret).verify(body, headers)
+    except WebhookVerificationError:
         return False
-    expected = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest("sha256=" + expected, headers["X-SessionManager-Signature"])
+    return True
 
 
-def assert_signed(delivery: Delivery) -> None:
+def assert_signed(delivery: Delivery, secret: str = SECRET) -> None:
     assert delivery.headers["Content-Type"] == "application/json"
-    assert documented_verify(SECRET.encode(), delivery.headers, delivery.body)
-    assert verify_signature(
-        SECRET,
-        delivery.headers[TIMESTAMP_HEADER],
-        delivery.body,
-        delivery.headers[SIGNATURE_HEADER],
-    )
+    assert documented_verify(secret, delivery.headers, delivery.body)
+    assert verify_signature(secret, delivery.headers, delivery.body)
+    # One scheme: nothing of the old X-SessionManager-* signature is left.
+    assert not {"X-SessionManager-Signature", "X-SessionManager-Timestamp"} & set(delivery.headers)
 
 
 # delivery ------------------------------------------------------------------------------------
@@ -178,6 +180,9 @@ async def test_a_receiver_that_fails_twice_gets_every_event_once_signed_in_order
         assert delivery.event == orjson.loads(delivery.body)
         assert delivery.event["id"] == delivery.event_id
         assert delivery.headers[EVENT_TYPE_HEADER] == delivery.event["type"]
+    for delivery in receiver.requests:  # retries too: signed again, under the event's id
+        assert_signed(delivery)
+        assert delivery.event_id == delivery.event["id"]
     for session in ("a", "b"):
         # Every request for a session, failed ones included: never ahead of an earlier event.
         tried = [d.event_id for d in receiver.requests if d.event["session_id"] == session]
@@ -396,19 +401,36 @@ def test_a_target_is_logged_without_its_path_or_credentials() -> None:
 
 def test_verify_signature_accepts_the_real_one_and_nothing_else() -> None:
     body = b'{"id":1,"type":"SessionReady"}'
-    now = 1_700_000_000
-    header = sign(SECRET, now, body)
-    assert header.startswith("sha256=")
-    assert len(header) == len("sha256=") + 64
+    now = int(time.time())
+    headers = sign_headers(SECRET, body, msg_id="1", timestamp=now)
+    assert headers[ID_HEADER] == "1" and headers[TIMESTAMP_HEADER] == str(now)
+    version, _, signature = headers[SIGNATURE_HEADER].partition(",")
+    assert version == "v1" and len(base64.b64decode(signature)) == 32  # HMAC-SHA256
 
-    assert verify_signature(SECRET, str(now), body, header, now=now + 10)
-    assert not verify_signature(SECRET, now, body + b" ", header, now=now)
-    assert not verify_signature("other-secret", now, body, header, now=now)
-    assert not verify_signature(SECRET, now + 1, body, header, now=now)
-    assert not verify_signature(SECRET, now, body, header, now=now + 301)  # a replay
-    assert verify_signature(SECRET, now, body, header, tolerance=None, now=now + 10_000)
-    assert verify_signature(SECRET, now, body, f"sha256=00ff, {header}", now=now)  # rotation
-    assert not verify_signature(SECRET, "soon", body, header, now=now)
+    assert verify_signature(SECRET, headers, body)
+    assert not verify_signature(SECRET, headers, body + b" ")
+    assert not verify_signature(as_whsec(b"another key of 32 bytes, at last"), headers, body)
+    assert not verify_signature(SECRET, {**headers, ID_HEADER: "2"}, body)
+    assert not verify_signature(SECRET, {**headers, TIMESTAMP_HEADER: str(now + 1)}, body)
+    old = sign_headers(SECRET, body, msg_id="1", timestamp=now - 301)
+    assert not verify_signature(SECRET, old, body)  # more than 5 minutes old
+    unsigned = {ID_HEADER: "1", TIMESTAMP_HEADER: str(now)}
+    assert not verify_signature(SECRET, unsigned, body)
+    assert not verify_signature(SECRET, {**headers, SIGNATURE_HEADER: "v1,not-base64!"}, body)
+    # Several signatures (say, during a rotation): one that verifies is enough.
+    other = sign_headers(as_whsec(b"x" * 32), body, msg_id="1", timestamp=now)
+    both = {**headers, SIGNATURE_HEADER: f"{other[SIGNATURE_HEADER]} {headers[SIGNATURE_HEADER]}"}
+    assert verify_signature(SECRET, both, body)
+
+
+def test_a_plain_webhook_secret_is_its_utf8_bytes_and_receivers_get_its_whsec_form() -> None:
+    body = b'{"id":7}'
+    headers = sign_headers("plain-text-secret", body)
+    assert (
+        as_whsec("plain-text-secret") == "whsec_" + base64.b64encode(b"plain-text-secret").decode()
+    )
+    assert documented_verify(as_whsec("plain-text-secret"), headers, body)
+    assert verify_signature("plain-text-secret", headers, body)
 
 
 class WorkerKiller(BaseException):

@@ -246,8 +246,9 @@ async def test_the_gateway_probe_wants_200_ok(status: int, body: str) -> None:
             if (status, body) == (200, "OK"):
                 await gateway.probe()
             else:
-                with pytest.raises(LiveKitUnavailable, match=r"^LiveKit at http://127\.0\.0\.1:"):
+                with pytest.raises(LiveKitUnavailable, match=r"^LiveKit unreachable: ") as down:
                     await gateway.probe()
+                assert str(server.port) not in down.value.message
         finally:
             await gateway.aclose()
 
@@ -257,7 +258,8 @@ async def test_the_gateway_probe_of_a_closed_port_is_unavailable() -> None:
     gateway = LiveKitGateway(make_endpoint(f"ws://127.0.0.1:{port}", "k", "s", None), timeout=2.0)
     await gateway.start()
     try:
-        with pytest.raises(LiveKitUnavailable, match=rf"LiveKit at http://127.0.0.1:{port}/ unr"):
+        with pytest.raises(LiveKitUnavailable, match=r"^LiveKit unreachable: connection") as down:
             await gateway.probe()
+        assert str(port) not in down.value.message
     finally:
         await gateway.aclose()

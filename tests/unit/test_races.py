@@ -189,3 +189,22 @@ async def test_adding_the_user_identity_as_a_service_is_a_conflict(harness: Harn
     created = await harness.create(user_identity="pong-a", required_services=[])
     with pytest.raises(Conflict, match="user's identity"):
         await harness.ask(lambda r: AddSessionService(created.session_id, "pong-a", r))
+
+
+async def test_a_late_leave_of_the_connection_before_a_redispatch_is_ignored(
+    harness: Harness,
+) -> None:
+    register(harness, "pong")
+    created = await harness.create(required_services=["pong"])
+    harness.joined(created, "pong", participant_sid="PA_1")
+    await harness.until(created.session_id, S.READY)
+    harness.left(created, "pong", participant_sid="PA_1")  # gone: redispatched in place
+    await until(lambda: len(harness.microservices.requests) == 2, "redispatched")
+    # LiveKit reports the old connection's end a second time, before the new one joined.
+    harness.left(created, "pong", participant_sid="PA_1")
+    harness.joined(created, "pong", participant_sid="PA_2")
+    view = await harness.until(created.session_id, S.READY)
+
+    assert view["services"][0]["redispatches"] == 1
+    assert len(harness.microservices.requests) == 2
+    assert len(events_of(harness, created.session_id, EventType.MICROSERVICE_LEFT)) == 1

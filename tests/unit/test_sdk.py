@@ -1,12 +1,15 @@
 """The microservice SDK's HTTP side and room bookkeeping, with a fake LiveKit room.
 
 No WebRTC here: `room_factory` hands the SDK a `FakeRoom` that records connect/disconnect calls
-and lets a test fire LiveKit events such as `disconnected`.
+and lets a test fire LiveKit events such as `disconnected`. The runners here register with no
+manager: they are given the signing secret and the LiveKit URL to trust, and every call is
+signed as the manager signs it (tests/unit/test_signed_dispatch.py refuses the others).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import signal
@@ -14,9 +17,11 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from livekit import rtc
 
+from session_manager.events.signing import sign_headers
 from session_manager.sdk import (
     ExtraFieldsFormatter,
     JoinedSession,
@@ -27,6 +32,9 @@ from session_manager.sdk import (
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.secret-token-value.sig"
 LIVEKIT_URL = "ws://127.0.0.1:7880"
+SECRET = "whsec_" + base64.b64encode(b"sdk-unit-tests-signing-secret-32").decode()
+# What a runner without a manager needs: the manager's secret, and the LiveKit to trust.
+STANDALONE: dict[str, Any] = {"signing_secret": SECRET, "trusted_livekit_urls": [LIVEKIT_URL]}
 
 
 class FakeRoom:
@@ -156,7 +164,7 @@ def handler() -> RecordingHandler:
 @pytest.fixture
 async def service(rooms: FakeRooms, handler: RecordingHandler) -> AsyncIterator[MicroserviceRunner]:
     runner = MicroserviceRunner(
-        "svc-1", handler, manager_url=None, room_factory=rooms, connect_timeout=0.5
+        "svc-1", handler, manager_url=None, room_factory=rooms, **STANDALONE, connect_timeout=0.5
     )
     await runner.start()
     yield runner
@@ -172,8 +180,15 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def post(
     http: aiohttp.ClientSession, service: MicroserviceRunner, path: str, body: Any
 ) -> tuple[int, dict[str, Any]]:
-    kwargs = {"data": body} if isinstance(body, (bytes, str)) else {"json": body}
-    async with http.post(service.endpoint + path, **kwargs) as response:
+    """POST as the manager does: the body signed with the service's secret."""
+    if isinstance(body, str):
+        raw = body.encode()
+    elif isinstance(body, bytes):
+        raw = body
+    else:
+        raw = orjson.dumps(body)
+    headers = {"Content-Type": "application/json", **sign_headers(SECRET, raw)}
+    async with http.post(service.endpoint + path, data=raw, headers=headers) as response:
         return response.status, await response.json()
 
 
@@ -474,12 +489,48 @@ async def test_room_disconnecting_by_itself_ends_the_session(
     assert len(rooms.made) == 2
 
 
+async def test_a_room_that_drops_us_right_after_a_repeated_join_room_is_joined_again(
+    service: MicroserviceRunner, http: aiohttp.ClientSession, rooms: FakeRooms, handler: Any
+) -> None:
+    """LiveKit removed the service and told the manager first: the manager's join-room comes
+    while the service still thinks it is in the room ("Already in room"); when the room then
+    drops it, it joins again with that newer request instead of staying out."""
+    await post(http, service, "/join-room", join_body())
+    await asyncio.wait_for(handler.join_seen.wait(), 2)
+    status, answer = await post(http, service, "/join-room", join_body())
+    assert status == 200 and answer["message"].startswith("Already in room")
+
+    room = rooms.made[0]
+    room.connected = False
+    room.emit("disconnected", rtc.DisconnectReason.PARTICIPANT_REMOVED)
+
+    await wait_until(lambda: len(rooms.made) == 2 and len(rooms.made[1].connect_calls) == 1)
+    await wait_until(lambda: service.sessions == frozenset({"sess-1"}))
+    assert handler.left == [("sess-1", "room_disconnected:PARTICIPANT_REMOVED")]
+
+
+async def test_a_room_dropping_us_without_a_repeated_join_room_stays_left(
+    service: MicroserviceRunner, http: aiohttp.ClientSession, rooms: FakeRooms, handler: Any
+) -> None:
+    await post(http, service, "/join-room", join_body())
+    await asyncio.wait_for(handler.join_seen.wait(), 2)
+    room = rooms.made[0]
+    room.connected = False
+    room.emit("disconnected", rtc.DisconnectReason.PARTICIPANT_REMOVED)
+    await asyncio.wait_for(handler.leave_seen.wait(), 2)
+    # A later join-room for another session is handled after the teardown: by then a rejoin
+    # of the first would have been started.
+    await post(http, service, "/join-room", join_body("later", "room-later"))
+    assert len(rooms.made) == 2  # the first room and the later session's: no third
+    assert service.sessions == frozenset({"later"})
+
+
 async def test_on_join_failure_leaves_the_room(
     rooms: FakeRooms, http: aiohttp.ClientSession
 ) -> None:
     handler = RecordingHandler(on_join_error=RuntimeError("boom"))
     async with MicroserviceRunner(
-        "svc-1", handler, manager_url=None, room_factory=rooms
+        "svc-1", handler, manager_url=None, room_factory=rooms, **STANDALONE
     ) as service:
         status, _ = await post(http, service, "/join-room", join_body())
         await asyncio.wait_for(handler.leave_seen.wait(), 2)
@@ -496,7 +547,9 @@ async def test_on_join_failure_leaves_the_room(
 async def test_aclose_leaves_every_room_and_is_idempotent(
     rooms: FakeRooms, handler: RecordingHandler, http: aiohttp.ClientSession
 ) -> None:
-    service = MicroserviceRunner("svc-1", handler, manager_url=None, room_factory=rooms)
+    service = MicroserviceRunner(
+        "svc-1", handler, manager_url=None, room_factory=rooms, **STANDALONE
+    )
     await service.start()
     endpoint = service.endpoint
     await post(http, service, "/join-room", join_body("a", "room-a"))
@@ -517,7 +570,9 @@ async def test_aclose_leaves_every_room_and_is_idempotent(
 async def test_join_during_shutdown_is_refused_with_503(
     rooms: FakeRooms, handler: RecordingHandler, http: aiohttp.ClientSession
 ) -> None:
-    service = MicroserviceRunner("svc-1", handler, manager_url=None, room_factory=rooms)
+    service = MicroserviceRunner(
+        "svc-1", handler, manager_url=None, room_factory=rooms, **STANDALONE
+    )
     await service.start()
     await post(http, service, "/join-room", join_body("a", "room-a"))
     handler.leave_gate = asyncio.Event()  # hold the shutdown inside on_leave
@@ -541,7 +596,7 @@ async def test_shutdown_aborts_a_join_in_progress(
     rooms: FakeRooms, handler: RecordingHandler, http: aiohttp.ClientSession
 ) -> None:
     service = MicroserviceRunner(
-        "svc-1", handler, manager_url=None, room_factory=rooms, connect_timeout=30
+        "svc-1", handler, manager_url=None, room_factory=rooms, **STANDALONE, connect_timeout=30
     )
     await service.start()
     rooms.prepared.append(FakeRoom(connect_gate=asyncio.Event()))
@@ -559,7 +614,9 @@ async def test_shutdown_aborts_a_join_in_progress(
 async def test_run_until_signal_serves_until_the_signal_then_shuts_down(
     rooms: FakeRooms, handler: RecordingHandler, http: aiohttp.ClientSession
 ) -> None:
-    service = MicroserviceRunner("svc-1", handler, manager_url=None, room_factory=rooms)
+    service = MicroserviceRunner(
+        "svc-1", handler, manager_url=None, room_factory=rooms, **STANDALONE
+    )
     running = asyncio.create_task(service.run_until_signal(signals=(signal.SIGUSR1,)))
     await wait_until(lambda: serving(service))
     status, _ = await post(http, service, "/join-room", join_body())
@@ -576,7 +633,7 @@ async def test_run_until_signal_serves_until_the_signal_then_shuts_down(
 
 async def test_runner_rejects_a_second_start(rooms: FakeRooms, handler: RecordingHandler) -> None:
     async with MicroserviceRunner(
-        "svc-1", handler, manager_url=None, room_factory=rooms
+        "svc-1", handler, manager_url=None, room_factory=rooms, **STANDALONE
     ) as service:
         with pytest.raises(RuntimeError, match="only once"):
             await service.start()

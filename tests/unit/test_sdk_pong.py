@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import sys
@@ -183,6 +184,7 @@ def test_command_line_defaults() -> None:
     assert args.manager_url == "http://127.0.0.1:8080"
     assert args.type == "PONG"
     assert args.log_level == "INFO"
+    assert args.trust_livekit_url == []  # only the LiveKit the manager reports
 
 
 @pytest.fixture
@@ -193,7 +195,13 @@ async def fake_manager() -> AsyncIterator[tuple[str, asyncio.Queue[dict[str, Any
         body = await request.json()
         await registrations.put(body)
         return web.json_response(
-            {"success": True, "service_id": body["service_id"], "message": "registered"}
+            {
+                "success": True,
+                "service_id": body["service_id"],
+                "message": "registered",
+                "signing_secret": "whsec_" + base64.b64encode(b"pong-test-secret" * 2).decode(),
+                "livekit_url": "ws://127.0.0.1:7880",
+            }
         )
 
     app = web.Application()

@@ -4,6 +4,7 @@ a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -12,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from session_manager.events.signing import sign_headers
 from session_manager.sdk import (
     JoinedSession,
     MicroserviceRunner,
@@ -36,8 +38,21 @@ def error_envelope(status: int, message: str) -> web.Response:
     )
 
 
+FIRST_SECRET = "whsec_" + base64.b64encode(b"registration-test-secret-number1").decode()
+ROTATED_SECRET = "whsec_" + base64.b64encode(b"registration-test-secret-number2").decode()
+MANAGER_LIVEKIT = "ws://127.0.0.1:7880"
+
+
 def registered() -> web.Response:
-    return web.json_response({"success": True, "service_id": "svc-1", "message": "registered"})
+    return web.json_response(
+        {
+            "success": True,
+            "service_id": "svc-1",
+            "message": "registered",
+            "signing_secret": FIRST_SECRET,
+            "livekit_url": MANAGER_LIVEKIT,
+        }
+    )
 
 
 class FakeManager:
@@ -49,9 +64,12 @@ class FakeManager:
         self.bodies: list[dict[str, Any]] = []
         self.updates: list[dict[str, Any]] = []
         self.drained: list[str] = []
+        self.calls: list[str] = []  # "register", "rotate", "update", "drain", in order
+        self.rotate_status = 200
         self.delay_first: float = 0.0
 
     async def register(self, request: web.Request) -> web.Response:
+        self.calls.append("register")
         self.bodies.append(await request.json())
         if len(self.bodies) == 1 and self.delay_first:
             await asyncio.sleep(self.delay_first)
@@ -59,18 +77,35 @@ class FakeManager:
         return answer()
 
     async def update(self, request: web.Request) -> web.Response:
+        self.calls.append("update")
         self.updates.append(await request.json())
         return web.json_response({"service_id": request.match_info["service_id"]})
 
     async def drain(self, request: web.Request) -> web.Response:
+        self.calls.append("drain")
         self.drained.append(request.match_info["service_id"])
         return web.json_response({"service_id": request.match_info["service_id"]})
+
+    async def rotate(self, request: web.Request) -> web.Response:
+        self.calls.append("rotate")
+        if self.rotate_status != 200:
+            return error_envelope(self.rotate_status, "not yours")
+        return web.json_response(
+            {
+                "success": True,
+                "service_id": request.match_info["service_id"],
+                "signing_secret": ROTATED_SECRET,
+                "livekit_url": MANAGER_LIVEKIT,
+                "message": "Signing secret rotated",
+            }
+        )
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/api/v1/microservices/register", self.register)
         app.router.add_put("/api/v1/microservices/{service_id}", self.update)
         app.router.add_post("/api/v1/microservices/{service_id}/drain", self.drain)
+        app.router.add_post("/api/v1/microservices/{service_id}/rotate-secret", self.rotate)
         return app
 
 
@@ -177,6 +212,11 @@ async def test_already_registered_refreshes_the_registration(serve_manager: Any)
     async with make_runner(url) as service:
         assert service.registered
         assert len(manager.bodies) == 1
+        # It cannot know the secret the manager kept: it has a new one made, and learns it
+        # before it takes itself out of draining.
+        assert manager.calls == ["register", "rotate", "update"]
+        assert await signed_health(service, ROTATED_SECRET) == 200
+        assert await signed_health(service, FIRST_SECRET) == 401
         # A restarted service may listen elsewhere and drained itself when it stopped.
         assert manager.updates == [
             {
@@ -256,3 +296,66 @@ async def test_cancelling_start_stops_registration(serve_manager: Any) -> None:
 def test_backoff_doubles_up_to_the_cap() -> None:
     delays = RetryBackoff().delays()
     assert [next(delays) for _ in range(8)] == [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+
+
+# the secret and the LiveKit URL of the answers ----------------------------------------------
+
+
+async def signed_health(service: MicroserviceRunner, secret: str) -> int:
+    """The status of a health check signed with `secret`, as the manager signs it."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(service.endpoint + "/health", headers=sign_headers(secret, b"")) as response,
+    ):
+        return response.status
+
+
+async def test_the_register_answer_gives_the_secret_calls_are_verified_with(
+    serve_manager: Any,
+) -> None:
+    manager = FakeManager(registered)
+    url = await serve_manager(manager)
+
+    async with make_runner(url) as service:
+        assert await signed_health(service, FIRST_SECRET) == 200
+        assert await signed_health(service, ROTATED_SECRET) == 401
+
+
+async def test_rotate_secret_replaces_the_secret_at_once(serve_manager: Any) -> None:
+    manager = FakeManager(registered)
+    url = await serve_manager(manager)
+
+    async with make_runner(url) as service:
+        await service.rotate_secret()
+        assert manager.calls[-1] == "rotate"
+        assert await signed_health(service, ROTATED_SECRET) == 200
+        assert await signed_health(service, FIRST_SECRET) == 401
+
+
+async def test_a_registration_the_service_may_not_rotate_is_fatal(serve_manager: Any) -> None:
+    manager = FakeManager(lambda: error_envelope(400, "Service ID already exists"))
+    manager.rotate_status = 403  # registered with another API key
+    url = await serve_manager(manager)
+    service = make_runner(url)
+
+    with pytest.raises(RegistrationError) as raised:
+        await service.start()
+
+    assert "HTTP 403" in str(raised.value)
+    assert manager.calls == ["register", "rotate"]  # never re-pointed
+
+
+@pytest.mark.parametrize(
+    "secret", [None, "", "whsec_", 42], ids=["missing", "empty", "no-key", "number"]
+)
+async def test_an_answer_without_a_usable_signing_secret_is_fatal(
+    serve_manager: Any, secret: object
+) -> None:
+    answer = {"success": True, "service_id": "svc-1", "message": "ok"}
+    if secret is not None:
+        answer["signing_secret"] = secret
+    manager = FakeManager(lambda: web.json_response(answer))
+    url = await serve_manager(manager)
+
+    with pytest.raises(RegistrationError, match="signing_secret"):
+        await make_runner(url).start()
