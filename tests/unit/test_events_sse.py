@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from session_manager.api.errors import error_middleware
 from session_manager.events import EventLog, EventType, SessionPresence, add_event_routes
+from tests.polling import eventually
 
 T = EventType
 Client = TestClient[web.Request, web.Application]
@@ -70,13 +71,6 @@ async def read_to_end(response: Any) -> list[Frame]:
     return frames
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll state the code under test records but does not signal."""
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 MakeClient = Callable[..., Awaitable[Client]]

@@ -34,6 +34,7 @@ from session_manager.events import (
     verify_signature,
 )
 from tests.conftest import free_port
+from tests.polling import eventually
 
 T = EventType
 SECRET = "whsec_" + base64.b64encode(b"outbound-webhook-test-key-32-byte").decode()
@@ -120,13 +121,6 @@ async def make_webhooks() -> AsyncIterator[Callable[..., Awaitable[OutboundWebho
         await webhooks.aclose(timeout=1.0)
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll state the code under test records but does not signal."""
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def interleaved_sessions(log: EventLog, per_session: int = 5) -> list[Event]:

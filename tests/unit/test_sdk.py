@@ -29,6 +29,7 @@ from session_manager.sdk import (
     MicroserviceRunner,
     SessionHandler,
 )
+from tests.polling import eventually as wait_until
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.secret-token-value.sig"
 LIVEKIT_URL = "ws://127.0.0.1:7880"
@@ -135,13 +136,6 @@ def join_body(session_id: str = "sess-1", room_name: str = "room-1") -> dict[str
     }
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Poll a fake's state: the fakes record calls, they do not signal them."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def serving(service: MicroserviceRunner) -> bool:

@@ -26,6 +26,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from examples.pong.pong import PongHandler, parse_args  # noqa: E402
+from tests.polling import eventually as wait_until  # noqa: E402
 
 
 @dataclass
@@ -76,13 +77,6 @@ class FakeRoom:
             callback(*args)
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Poll a fake's state: the fakes record calls, they do not signal them."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def packet(data: bytes, sender: str | None, topic: str = "") -> rtc.DataPacket:

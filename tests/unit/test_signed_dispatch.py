@@ -45,6 +45,7 @@ from session_manager.registry.health import HealthMonitor
 from session_manager.sdk import CallVerifier, MicroserviceRunner
 from session_manager.store import MemoryStore
 from tests.conftest import free_port
+from tests.polling import eventually as until
 from tests.unit.test_egress import NameTable
 from tests.unit.test_sdk import LIVEKIT_URL, FakeRooms, RecordingHandler, join_body
 
@@ -696,10 +697,3 @@ async def test_an_update_cannot_point_a_registration_at_a_refused_address(
     assert view["endpoint"] == service.url
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll state the code under test records but does not signal."""
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")

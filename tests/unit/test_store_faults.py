@@ -11,7 +11,6 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from session_manager.errors import StartupFailed, StoreUnavailable
 from session_manager.health_board import STORE, HealthBoard
 from session_manager.store import SqliteStore
 from session_manager.store.base import JsonDict
+from tests.polling import eventually
 
 # Retries that do not slow the tests down.
 FAST: dict[str, Any] = {"retry_backoff": 0.001, "max_backoff": 0.01}
@@ -37,13 +37,6 @@ def view(session_id: str, status: str = "Active", **extra: Any) -> JsonDict:
     }
 
 
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll state the store records but does not signal."""
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 async def reopened(path: Path) -> SqliteStore:
