@@ -236,8 +236,11 @@ class MicroserviceRunner:
             self._closed = True
             logger.info("microservice shutting down", extra={"service_id": self._service_id})
             # From here join-room answers 503 and health reports shutting_down.
+            # A registration still out (a SIGTERM before its answer came) may have reached the
+            # manager: drain it too. One the manager refused is not ours to drain.
+            unanswered = self._registration is not None and not self._registration.done()
             await cancel_and_wait(self._registration)
-            await self._drain_at_manager()
+            await self._drain_at_manager(unanswered)
             await self._sessions.close()
             if self._app_runner is not None:
                 await self._app_runner.cleanup()
@@ -245,9 +248,11 @@ class MicroserviceRunner:
                 await self._http.close()
             logger.info("microservice stopped", extra={"service_id": self._service_id})
 
-    async def _drain_at_manager(self) -> None:
+    async def _drain_at_manager(self, unanswered: bool) -> None:
         """Tell the manager to send no new sessions here; our sessions end as we leave them."""
-        if not self._registered or self._http is None or self._manager_url is None:
+        if not (self._registered or unanswered) or self._http is None:
+            return
+        if self._manager_url is None:
             return
         error = await drain_at_manager(self._http, self._manager_url, self._service_id)
         if error is not None:

@@ -22,6 +22,7 @@ from session_manager.sdk import (
     ServiceClosedError,
     SessionHandler,
 )
+from tests.polling import eventually
 
 FAST = RetryBackoff(initial_delay=0.02, max_delay=0.1)
 
@@ -67,12 +68,15 @@ class FakeManager:
         self.calls: list[str] = []  # "register", "rotate", "update", "drain", in order
         self.rotate_status = 200
         self.delay_first: float = 0.0
+        self.hold_first: asyncio.Event | None = None  # the first answer waits for it
 
     async def register(self, request: web.Request) -> web.Response:
         self.calls.append("register")
         self.bodies.append(await request.json())
         if len(self.bodies) == 1 and self.delay_first:
             await asyncio.sleep(self.delay_first)
+        if len(self.bodies) == 1 and self.hold_first is not None:
+            await self.hold_first.wait()
         answer = self.answers[min(len(self.bodies), len(self.answers)) - 1]
         return answer()
 
@@ -359,3 +363,23 @@ async def test_an_answer_without_a_usable_signing_secret_is_fatal(
 
     with pytest.raises(RegistrationError, match="signing_secret"):
         await make_runner(url).start()
+
+
+async def test_a_shutdown_while_the_registration_is_out_still_drains(
+    serve_manager: Any,
+) -> None:
+    """A SIGTERM between sending the registration and reading its answer: the manager may hold
+    the registration, so the service drains it on the way out rather than leave it live."""
+    manager = FakeManager(registered)
+    manager.hold_first = asyncio.Event()  # the manager got the request, has not answered yet
+    url = await serve_manager(manager)
+    service = make_runner(url)
+    starting = asyncio.create_task(service.start())
+    await eventually(lambda: len(manager.bodies) == 1)
+
+    await service.aclose()
+
+    assert not service.registered
+    assert manager.drained == ["svc-1"]
+    manager.hold_first.set()
+    await asyncio.gather(starting, return_exceptions=True)
