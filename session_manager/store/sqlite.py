@@ -59,6 +59,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_created ON sessions (created_at, session_id);
+-- A client key lists only its own sessions: the owner is read from the view by this very
+-- expression in list queries, so the index serves them without a column to migrate.
+CREATE INDEX IF NOT EXISTS sessions_by_owner
+    ON sessions (json_extract(CAST(body AS TEXT), '$.owner'), created_at, session_id);
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     body BLOB NOT NULL
