@@ -309,51 +309,56 @@ class Run:
     stop: asyncio.Event  # set when a child died: no point going on
 
 
+async def call(
+    run: Run, name: str, method: str, url: str, timeout: aiohttp.ClientTimeout, **kwargs: Any
+) -> bytes | None:
+    """One timed request, tallied under `name`; its body when it answered 200, else None
+    (after a pause, so a failing manager is not hammered)."""
+    started = time.perf_counter()
+    try:
+        async with run.http.request(method, url, timeout=timeout, **kwargs) as response:
+            status, payload = response.status, await response.read()
+    except TimeoutError:
+        run.tally.failed(name, "client timeout")
+        return None
+    except aiohttp.ClientError as exc:
+        run.tally.failed(name, f"client error {type(exc).__name__}")
+        await asyncio.sleep(PAUSE_AFTER_CLIENT_ERROR)
+        return None
+    run.tally.answered(name, status, payload, time.perf_counter() - started)
+    if status != 200:
+        await asyncio.sleep(PAUSE_AFTER_FAILURE)
+        return None
+    return payload
+
+
 async def one_session(run: Run, body: bytes) -> None:
     tally, options = run.tally, run.options
     create_timeout = aiohttp.ClientTimeout(total=options.timeout_secs + CREATE_MARGIN)
-    started = time.perf_counter()
-    try:
-        async with run.http.post(
-            run.base_url + CREATE_PATH,
-            data=body,
-            headers={"Content-Type": "application/json"},
-            timeout=create_timeout,
-        ) as response:
-            status, payload = response.status, await response.read()
-    except TimeoutError:
-        tally.failed("create", "client timeout")
-        return
-    except aiohttp.ClientError as exc:
-        tally.failed("create", f"client error {type(exc).__name__}")
-        await asyncio.sleep(PAUSE_AFTER_CLIENT_ERROR)
-        return
-    tally.answered("create", status, payload, time.perf_counter() - started)
-    if status != 200:
-        await asyncio.sleep(PAUSE_AFTER_FAILURE)
+    payload = await call(
+        run,
+        "create",
+        "POST",
+        run.base_url + CREATE_PATH,
+        create_timeout,
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    if payload is None:
         return
     ready = answer_status(payload)
     tally.create_statuses[ready] += 1
     session_id = json.loads(payload)["session_id"]
     if options.hold:
         await asyncio.sleep(options.hold)
-    started = time.perf_counter()
-    try:
-        async with run.http.delete(
-            f"{run.base_url}{SESSIONS_PATH}/{session_id}",
-            timeout=aiohttp.ClientTimeout(total=DELETE_TIMEOUT),
-        ) as response:
-            status, payload = response.status, await response.read()
-    except TimeoutError:
-        tally.failed("delete", "client timeout")
-        return
-    except aiohttp.ClientError as exc:
-        tally.failed("delete", f"client error {type(exc).__name__}")
-        await asyncio.sleep(PAUSE_AFTER_CLIENT_ERROR)
-        return
-    tally.answered("delete", status, payload, time.perf_counter() - started)
-    if status != 200:
-        await asyncio.sleep(PAUSE_AFTER_FAILURE)
+    payload = await call(
+        run,
+        "delete",
+        "DELETE",
+        f"{run.base_url}{SESSIONS_PATH}/{session_id}",
+        aiohttp.ClientTimeout(total=DELETE_TIMEOUT),
+    )
+    if payload is None:
         return
     tally.delete_statuses[answer_status(payload)] += 1
     if ready == "Ready":
