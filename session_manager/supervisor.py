@@ -396,9 +396,9 @@ class Supervisor:
         *,
         reply: asyncio.Future[T] | None = None,
         then: Callable[[asyncio.Future[T]], None] | None = None,
-    ) -> None:
+    ) -> asyncio.Task[T]:
         """Run I/O as a task this supervisor owns: its result answers `reply` directly, and
-        `then` (if any) runs back in the loop once it is done."""
+        `then` (if any) runs back in the loop once it is done (not when it was cancelled)."""
         task = asyncio.create_task(coro)
         self._io.add(task)
 
@@ -416,6 +416,7 @@ class Supervisor:
                 self.tell(IoFinished(finished, then))
 
         task.add_done_callback(done)
+        return task
 
     # the registry (its one writer) -----------------------------------------------------------
 
@@ -498,11 +499,7 @@ class Supervisor:
             self._events.append(event, service_id=service_id, data=record.view())
             settle(reply, record.view() if answer is None else answer)
 
-        task = asyncio.create_task(write())
-        self._registry_writes[service_id] = task
-        self._io.add(task)
-        task.add_done_callback(self._io.discard)
-        task.add_done_callback(lambda finished: self.tell(IoFinished(finished, written)))
+        self._registry_writes[service_id] = self._offload(write(), then=written)
 
     def _on_health_checked(self, results: HealthResults) -> None:
         for service_id, error in results:
