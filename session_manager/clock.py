@@ -15,3 +15,8 @@ def rfc3339(moment: datetime) -> str:
 
 def now_rfc3339() -> str:
     return rfc3339(utc_now())
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """The moment an `rfc3339` string names (as stored in a session's view)."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)

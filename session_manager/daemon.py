@@ -20,6 +20,7 @@ from session_manager.clock import now_rfc3339
 from session_manager.config import Settings
 from session_manager.dispatch import DispatchPolicy, MicroserviceClient
 from session_manager.egress import EndpointAllow, EndpointGuard
+from session_manager.errors import ManagerError, StartupFailed
 from session_manager.events import EventLog, OutboundWebhooks, WebhookPolicy, WebhookTarget
 from session_manager.health_board import STORE, SUPERVISOR, HealthBoard, Problem
 from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, make_endpoint
@@ -32,6 +33,7 @@ from session_manager.session.actor import SessionDeps
 from session_manager.store import MemoryStore, SqliteStore, Store
 from session_manager.store.retention import RetentionSweeper
 from session_manager.supervisor import Supervisor
+from session_manager.takeover import SessionTakeOver
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +122,20 @@ class Daemon:
             "max_pending": settings.store_max_pending,
             "flush_timeout": settings.store_flush_timeout,
         }
-        self.store = (
-            SqliteStore(settings.data_dir / "session-manager.sqlite3", **options)
-            if settings.store == "sqlite"
-            else MemoryStore(**options)
-        )
+        if settings.store == "redis":
+            # Imported here: only a manager configured for Redis loads its client.
+            from session_manager.store.redis_store import RedisStore
+
+            self.store = RedisStore(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                timeout=settings.redis_timeout,
+                **options,
+            )
+        elif settings.store == "sqlite":
+            self.store = SqliteStore(settings.data_dir / "session-manager.sqlite3", **options)
+        else:
+            self.store = MemoryStore(**options)
         await self.store.open()
         self._stage("store", self.store.aclose)
 
@@ -211,7 +222,28 @@ class Daemon:
             client_reconnect_grace=settings.client_reconnect_grace,
             deployment=settings.deployment,
             max_session_duration=settings.max_session_duration,
+            persist=self.store.flush,
         )
+        # Sessions are kept at shutdown only where the next process can adopt them: a stored
+        # session (not the memory store) in a room that outlives this process (not the managed
+        # LiveKit, which stops with it).
+        rooms_survive = self.livekit_server is None
+        keep = settings.shutdown_mode == "keep" and settings.store != "memory" and rooms_survive
+        takeover = SessionTakeOver(
+            self.store,
+            self.gateway,
+            self.events,
+            rooms_survive=rooms_survive,
+            deployment=settings.deployment,
+            livekit_timeout=settings.livekit_timeout,
+            flush_timeout=settings.store_flush_timeout,
+        )
+        try:
+            left_behind = await takeover.run()
+        except ManagerError as exc:
+            raise StartupFailed(
+                f"sessions left by the previous process could not be read: {exc.message}"
+            ) from None
         self.supervisor = Supervisor(
             self.registry,
             self.store,
@@ -225,8 +257,9 @@ class Daemon:
             max_live_sessions=settings.max_live_sessions,
             max_sessions_per_user=settings.max_sessions_per_user,
             max_services=settings.max_services,
+            keep_sessions_at_shutdown=keep,
         )
-        await self.supervisor.start()
+        await self.supervisor.start(left_behind.adopted)
         self._stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
 
     async def _watch_livekit(self) -> None:

@@ -30,7 +30,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from session_manager.clock import now_rfc3339
 from session_manager.commands import (
     OPEN_ACCESS,
     Access,
@@ -66,7 +65,6 @@ from session_manager.errors import (
     ManagerError,
     NotFound,
     ShuttingDown,
-    StartupFailed,
     StoreUnavailable,
     TooManyRequests,
     Unhealthy,
@@ -86,18 +84,21 @@ from session_manager.session.actor import (
 )
 from session_manager.session.messages import (
     AddService,
+    Adopt,
     InstanceLost,
     RemoveService,
     RoomEventArrived,
     SessionCreated,
+    SessionMessage,
     Start,
     Terminate,
     settle,
 )
 from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
-from session_manager.session.states import LIVE_STATUSES, SessionStatus
-from session_manager.store.base import SessionCursor, Store
+from session_manager.session.states import SessionStatus
+from session_manager.store.base import Store
 from session_manager.supervision import cancel_and_wait, watch
+from session_manager.takeover import Adoption
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,6 @@ class _PendingCreate:
     body_hash: str
     spec: NewSession
     waiters: list[asyncio.Future[SessionCreated]]
-    outcome: asyncio.Future[SessionCreated] | None = None  # set once the session answered
 
 
 class Supervisor:
@@ -145,8 +145,10 @@ class Supervisor:
         max_live_sessions: int = 10_000,
         max_sessions_per_user: int | None = None,
         max_services: int = 10_000,
+        keep_sessions_at_shutdown: bool = False,
     ) -> None:
         self._events = events
+        self._keep_sessions_at_shutdown = keep_sessions_at_shutdown
         self._max_live_sessions = max_live_sessions
         self._max_sessions_per_user = max_sessions_per_user
         self._max_services = max_services
@@ -220,78 +222,39 @@ class Supervisor:
 
     # lifecycle -------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        try:
-            await self._end_orphans()
-        except ManagerError as exc:
-            raise StartupFailed(
-                f"sessions left by the previous process could not be read: {exc.message}"
-            ) from None
+    async def start(self, adopted: list[Adoption] | None = None) -> None:
+        """Start the loop, with an actor back for each session a previous process left live
+        (see session_manager.takeover)."""
         self._loop_task = asyncio.create_task(self._run(), name="supervisor")
         watch(self._loop_task, self._loop_died)
+        for adoption in adopted or ():
+            record = adoption.record
+            for slot in record.services.values():
+                self._registry.acquire(slot.service_id, record.session_id)
+            self._run_actor(record, Adopt(adoption.participants))
         self._room_sweeps.start()
 
     async def _ask_for_sweep(self) -> None:
         self.tell(ReconcileRooms())
-
-    async def _end_orphans(self) -> None:
-        """Sessions the store still holds as live lost their actor with the last process (it
-        was killed, or crashed): end them properly — room deleted, Terminated with a reason."""
-        reason = "session manager restarted while the session was live"
-        for status in LIVE_STATUSES:
-            before: SessionCursor | None = None
-            while views := await self._store.list_sessions(
-                status=status.value, user_identity=None, limit=100, before=before
-            ):
-                # A page at a time, in parallel: a LiveKit that is down costs one timeout, not
-                # one per orphan.
-                await asyncio.gather(*(self._end_orphan(view, reason) for view in views))
-                before = (views[-1]["created_at"], views[-1]["session_id"])
-        try:
-            await asyncio.wait_for(self._store.flush(), self._startup_timeout)
-        except (TimeoutError, ManagerError):
-            log.error("ended orphans could not be written in time; they end again next start")
-
-    async def _end_orphan(self, view: JsonDict, reason: str) -> None:
-        try:
-            await asyncio.wait_for(
-                self._deps.gateway.delete_room(view["room_name"]), self._deps.teardown_timeout
-            )
-        except (ManagerError, TimeoutError) as exc:
-            log.warning(
-                "orphaned room could not be deleted",
-                extra={"session_id": view["session_id"], "error": str(exc) or "timeout"},
-            )
-        now = now_rfc3339()
-        ended = {
-            **view,
-            "status": SessionStatus.TERMINATED.value,
-            "reason": reason,
-            "terminated_at": now,
-            "updated_at": now,
-        }
-        self._store.save_session(ended)
-        self._events.append(
-            EventType.SESSION_TERMINATED, session_id=view["session_id"], data={"reason": reason}
-        )
-        log.warning(
-            "ended a session left live by the previous process",
-            extra={"session_id": view["session_id"], "was": view["status"]},
-        )
 
     def drain(self) -> None:
         """Refuse new sessions; the ones running go on."""
         self._accepting = False
 
     async def aclose(self, timeout: float) -> None:
-        """End every session (rooms deleted), then stop. Idempotent."""
+        """Stop every session actor, then stop. Idempotent. Sessions are kept as they are for
+        the next process (`keep_sessions_at_shutdown`: the rooms, clients and services carry
+        on; a session whose creator still waits ends), or ended with their rooms deleted."""
         async with self._close_lock:
             if self._closed:
                 return
             self.drain()
             children = list(self._children.values())
             for child in children:
-                child.actor.tell(Terminate("manager shutting down"))
+                if self._keep_sessions_at_shutdown:
+                    child.actor.detach()
+                else:
+                    child.actor.tell(Terminate("manager shutting down"))
             tasks = [child.task for child in children]
             if tasks:
                 _, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -613,10 +576,7 @@ class Supervisor:
         pending = self._pending_creates.get(key)
         if pending is not None:
             self._check_same_body(key, pending.body_hash, message.body_hash)
-            if pending.outcome is not None:
-                _answer_from(pending.outcome, message.reply)
-            else:
-                pending.waiters.append(message.reply)
+            pending.waiters.append(message.reply)
             return
         pending = _PendingCreate(message.body_hash, message.spec, [message.reply])
         self._pending_creates[key] = pending
@@ -688,15 +648,14 @@ class Supervisor:
     ) -> Callable[[asyncio.Future[SessionCreated]], None]:
         def finish(outcome: asyncio.Future[SessionCreated]) -> None:
             pending = self._pending_creates[key]
-            pending.outcome = outcome
-            for waiter in pending.waiters:
-                _answer_from(outcome, waiter)
-            pending.waiters.clear()
             if outcome.exception() is not None:
                 del self._pending_creates[key]  # a failed create may be tried again
+                for waiter in pending.waiters:
+                    _answer_from(outcome, waiter)
                 return
-            # Retries keep getting this answer from memory until it is stored. What is stored
-            # keeps no token: a replay mints a fresh one for the same identity and room.
+            # Durable before it is answered: a crash after the answer cannot make a retry with
+            # the key create a second session. Retries that come meanwhile wait with the first.
+            # What is stored keeps no token: a replay mints a fresh one.
             response = {k: v for k, v in outcome.result().__dict__.items() if k != "access_token"}
             entry = {
                 "body_hash": pending.body_hash,
@@ -704,10 +663,31 @@ class Supervisor:
                 "response": response,
             }
             self._offload(
-                self._store.save_idempotency(key, entry), then=lambda _: self._forget_pending(key)
+                self._store.save_idempotency(key, entry),
+                then=self._idempotency_saved(key, outcome),
             )
 
         return finish
+
+    def _idempotency_saved(
+        self, key: str, outcome: asyncio.Future[SessionCreated]
+    ) -> Callable[[asyncio.Future[None]], None]:
+        def answer(saved: asyncio.Future[None]) -> None:
+            pending = self._pending_creates.pop(key)
+            error = saved.exception()
+            if error is None:
+                for waiter in pending.waiters:
+                    _answer_from(outcome, waiter)
+                return
+            # Unanswered, the session has no user yet; kept, a retry would make a second one.
+            session_id = outcome.result().session_id
+            child = self._children.get(session_id)
+            if child is not None:
+                child.actor.tell(Terminate("its Idempotency-Key could not be stored"))
+            for waiter in pending.waiters:
+                settle(waiter, error=_as_store_error(error))
+
+        return answer
 
     def _replayed(self, response: JsonDict, spec: NewSession) -> SessionCreated:
         """The stored answer to a create, with a fresh client token (none is stored)."""
@@ -720,9 +700,6 @@ class Supervisor:
         )
         token = mint_client_token(self._deps, record)
         return SessionCreated(**{**response, "access_token": token})
-
-    def _forget_pending(self, key: str) -> None:
-        self._pending_creates.pop(key, None)
 
     @staticmethod
     def _check_same_body(key: str, known: str, given: str) -> None:
@@ -751,19 +728,23 @@ class Supervisor:
             },
             owner=spec.owner,
         )
-        actor = SessionActor(session, self._deps, self._publish)
-        task = asyncio.create_task(actor.run(), name=f"session-{session_id}")
-        task.add_done_callback(lambda done: self.tell(ActorExited(session_id, done)))
-        self._children[session_id] = _Child(actor, task)
+        self._run_actor(session, Start(spec.options, reply))
         self.sessions_created += 1
-        self._rooms[room_name] = session_id
-        user = spec.user_identity
-        self._live_per_user[user] = self._live_per_user.get(user, 0) + 1
         log.debug(
             "session created",
             extra={"session_id": session_id, "room_name": room_name, "services": len(chosen)},
         )
-        actor.tell(Start(spec.options, reply))
+
+    def _run_actor(self, session: SessionRecord, first: SessionMessage) -> None:
+        session_id = session.session_id
+        actor = SessionActor(session, self._deps, self._publish)
+        task = asyncio.create_task(actor.run(), name=f"session-{session_id}")
+        task.add_done_callback(lambda done: self.tell(ActorExited(session_id, done)))
+        self._children[session_id] = _Child(actor, task)
+        self._rooms[session.room_name] = session_id
+        user = session.user_identity
+        self._live_per_user[user] = self._live_per_user.get(user, 0) + 1
+        actor.tell(first)
 
     def _choose_services(
         self, required: list[str] | None, user_identity: str

@@ -25,6 +25,7 @@ SENSITIVE_KEY_MARKERS = ("token", "secret", "password", "authorization")
 
 class EventType(StrEnum):
     SESSION_CREATED = "SessionCreated"
+    SESSION_ADOPTED = "SessionAdopted"  # a restarted manager took over a live session
     SESSION_STATUS_CHANGED = "SessionStatusChanged"
     SESSION_READY = "SessionReady"
     SESSION_TERMINATED = "SessionTerminated"

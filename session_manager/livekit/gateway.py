@@ -16,6 +16,7 @@ from livekit import api
 
 from session_manager.errors import LiveKitRefused, LiveKitUnavailable
 from session_manager.livekit.tokens import SERVER_TOKEN_REFRESH, TokenMinter
+from session_manager.livekit.webhooks import RoomEvent, participant_present
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,22 @@ class LiveKitGateway:
         """Every room LiveKit has now: its name and its metadata."""
         response = await self._call("ListRooms", self._rooms.list_rooms(api.ListRoomsRequest()))
         return {room.name: room.metadata for room in response.rooms}
+
+    async def list_participants(self, room: str) -> tuple[RoomEvent, ...] | None:
+        """Who is in a room now, one participant_joined event each; None if the room is gone."""
+        request = api.ListParticipantsRequest(room=room)
+        try:
+            response = await self._call(
+                "ListParticipants", self._room_admin().list_participants(request)
+            )
+        except LiveKitRefused as exc:
+            if exc.livekit_code != api.ServerErrorCode.NOT_FOUND:
+                raise
+            return None
+        return tuple(
+            participant_present(room, info.identity, info.sid, dict(info.attributes))
+            for info in response.participants
+        )
 
     async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
         request = api.CreateRoomRequest(name=name, metadata=metadata, empty_timeout=empty_timeout)

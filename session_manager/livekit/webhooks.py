@@ -37,6 +37,21 @@ class RoomEvent:
     attributes: dict[str, str] = field(default_factory=dict)
 
 
+def participant_present(
+    room_name: str, identity: str, sid: str, attributes: dict[str, str]
+) -> RoomEvent:
+    """A participant found in a room by asking LiveKit (not by a webhook), as the
+    participant_joined event that would have announced it."""
+    return RoomEvent(
+        kind="participant_joined",
+        room_name=room_name,
+        identity=identity or None,
+        participant_sid=sid,
+        role=attributes.get(ROLE_ATTRIBUTE),
+        attributes=attributes,
+    )
+
+
 # The only webhooks a session reacts to; LiveKit sends many more (room_started,
 # track_published, ...), and each create-session alone brings a room_started.
 RELEVANT_KINDS = frozenset({"participant_joined", "participant_left", "room_finished"})

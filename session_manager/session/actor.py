@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -45,9 +45,11 @@ from session_manager.logs import TRACE
 from session_manager.registry import Registry, ServiceRecord
 from session_manager.session.messages import (
     AddService,
+    Adopt,
     ClientGraceExpired,
     ClientJoinDeadlinePassed,
     CreateOptions,
+    Detach,
     DispatchFinished,
     DurationLimitReached,
     InstanceLost,
@@ -63,6 +65,7 @@ from session_manager.session.messages import (
 )
 from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
 from session_manager.session.states import (
+    ENDING,
     TABLE,
     IllegalTransition,
     Rule,
@@ -78,6 +81,21 @@ S = SessionStatus
 JOIN_TIMEOUT_MESSAGE = "Timeout waiting for microservices to join"
 # A token must outlive the session it is for; this margin covers joining late and reconnecting.
 TOKEN_MARGIN = timedelta(minutes=10)
+# The timers a session's view stores the deadlines of (by these names), so that a restarted
+# manager adopting the session fires them when they were due. WaitDeadlinePassed is not among
+# them: it only matters to a creator still waiting on the process that ended.
+STORED_TIMERS: dict[type, str] = {
+    DurationLimitReached: "duration_limit",
+    JoinDeadlinePassed: "services_join",
+    ClientJoinDeadlinePassed: "client_join",
+    ClientGraceExpired: "client_reconnect",
+}
+TIMER_BY_NAME = {name: timer for timer, name in STORED_TIMERS.items()}
+SHUT_DOWN_BEFORE_ANSWER = "session manager shut down before the session was answered"
+
+
+async def _nothing_to_persist() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,9 @@ class SessionDeps:
     client_reconnect_grace: float = 60.0
     deployment: str = "default"  # tags the rooms this deployment creates
     max_session_duration: float = 86400.0  # caps every client token's lifetime (plus margins)
+    # Makes what was published so far durable (the store's flush): a session is stored before
+    # its room is created, so a crash never leaves a room no stored session claims.
+    persist: Callable[[], Awaitable[None]] = _nothing_to_persist
 
 
 def duration_limit(metadata: JsonDict) -> float | None:
@@ -170,6 +191,8 @@ class SessionActor:
         self._dispatching: dict[str, tuple[str, asyncio.Task[None]]] = {}
         self._rule: Rule | None = None  # the table's rule of the message being handled
         self._closed = False
+        self._detaching = False  # the manager shuts down keeping this session (Detach)
+        self._detached = False
 
     @property
     def session_id(self) -> str:
@@ -181,11 +204,20 @@ class SessionActor:
             return
         self._inbox.put_nowait(message)
 
+    def detach(self) -> None:
+        """The manager shuts down and keeps its sessions: stop after the messages already in
+        the inbox, leaving the session live for the next process (which adopts it)."""
+        self._detaching = True
+        self.tell(Detach())
+
     def _answer_late(self, message: SessionMessage) -> None:
         """A message that arrived after the end: a terminate is already done (answer it with
-        the final view); anything else that wants an answer is told the session is gone."""
+        the final view); anything else that wants an answer is told the session is gone, or,
+        for a session kept for the next process, that this one is shutting down."""
         reply = getattr(message, "reply", None)
-        if isinstance(message, Terminate):
+        if self._detached:
+            settle(reply, error=ShuttingDown("the session manager is shutting down"))
+        elif isinstance(message, Terminate):
             settle(reply, self.record.view())
         else:
             settle(reply, error=SessionGone(f"session {self.session_id} has ended"))
@@ -194,23 +226,27 @@ class SessionActor:
 
     async def run(self) -> None:
         try:
-            self._emit(
-                EventType.SESSION_CREATED,
-                room_name=self.record.room_name,
-                user_identity=self.record.user_identity,
-                user_name=self.record.user_name,
-                metadata=self.record.metadata,
-                required_services=list(self.record.services),
-            )
-            self._publish()
-            while self.record.status is not S.TERMINATED:
+            if self.record.status is S.CREATING:  # not a session adopted from a past process
+                self._emit(
+                    EventType.SESSION_CREATED,
+                    room_name=self.record.room_name,
+                    user_identity=self.record.user_identity,
+                    user_name=self.record.user_name,
+                    metadata=self.record.metadata,
+                    required_services=list(self.record.services),
+                )
+                self._publish()
+            while self.record.status is not S.TERMINATED and not self._detached:
                 message = await self._inbox.get()
                 await self._handle(message)
                 self._publish()
         except asyncio.CancelledError:
-            await self._close_after(
-                "manager shutting down", ShuttingDown("the session manager is shutting down")
-            )
+            stopping = ShuttingDown("the session manager is shutting down")
+            if self._detaching:  # kept for the next process: left as it is
+                self._detached = True
+                settle(self._create_reply, error=stopping)
+            else:
+                await self._close_after("manager shutting down", stopping)
             raise
         except Exception as exc:
             log.exception("session actor crashed", extra=self._log_extra())
@@ -290,6 +326,87 @@ class SessionActor:
         await self._terminate(message.reason)
         settle(message.reply, self.record.view())
 
+    async def _detach(self, _: Detach) -> None:
+        if self._create_reply is not None:
+            # Its creator has no answer yet, so no user has its token: nobody would miss it,
+            # and the retry of the create makes a new one.
+            stopping = ShuttingDown("the session manager is shutting down")
+            await self._terminate(SHUT_DOWN_BEFORE_ANSWER, stopping)
+            return
+        self._detached = True
+        log.debug("session kept for the next manager process", extra=self._log_extra())
+
+    # adoption --------------------------------------------------------------------------------
+
+    async def _adopt(self, message: Adopt) -> None:
+        """Take over a session a previous process left live: its timers fire when they were
+        due, and what happened in its room meanwhile (joins, leaves) counts now."""
+        self._restore_timers()
+        self._emit(
+            EventType.SESSION_ADOPTED,
+            status=self.record.status.value,
+            room_checked=message.participants is not None,
+        )
+        log.info("session adopted", extra=self._log_extra(status=self.record.status.value))
+        if message.participants is not None:
+            await self._catch_up(message.participants)
+
+    def _restore_timers(self) -> None:
+        record, now = self.record, utc_now()
+        deadlines = dict(record.deadlines)
+        limit = duration_limit(record.metadata)
+        if limit is not None and "duration_limit" not in deadlines:  # stored before deadlines
+            deadlines["duration_limit"] = record.created_at + timedelta(seconds=limit)
+        for name, due in deadlines.items():
+            timer = TIMER_BY_NAME.get(name)
+            if timer is not None:
+                self._start_timer(timer, max(0.0, (due - now).total_seconds()), due=due)
+        if record.status is S.WAITING_FOR_SERVICES and JoinDeadlinePassed not in self._timers:
+            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+
+    async def _catch_up(self, participants: tuple[RoomEvent, ...]) -> None:
+        """Compare the room as LiveKit has it now with the record, as if the webhooks missed
+        while no process owned the session had arrived."""
+        record = self.record
+        present = {event.identity: event for event in participants if event.identity}
+        user = present.get(record.user_identity)
+        client_here = user is not None and self._role_of(user) == ROLE_CLIENT
+        if client_here and record.client_present:
+            assert user is not None
+            record.client_sid = user.participant_sid or None
+            self._cancel_timer(ClientJoinDeadlinePassed)
+            self._cancel_timer(ClientGraceExpired)
+        elif client_here:
+            assert user is not None
+            self._on_client(user, joined=True)
+        elif record.client_present:
+            self._on_client(self._left(record.user_identity, ROLE_CLIENT), joined=False)
+        for slot in list(record.services.values()):
+            here = present.get(slot.service_id)
+            if here is not None and self._role_of(here) == ROLE_SERVICE:
+                if slot.state is ServiceState.JOINED:
+                    slot.participant_sid = here.participant_sid or None
+                else:
+                    await self._on_service(slot, here, joined=True)
+            elif slot.state is ServiceState.JOINED:
+                await self._on_service(slot, self._left(slot.service_id, ROLE_SERVICE), False)
+            else:
+                # Its join-room call may have been lost with the previous process: ask again
+                # (a service already joining answers "already in room", which counts as yes).
+                self._dispatch(slot)
+            if record.status in ENDING:
+                return
+        for event in participants:
+            identity = event.identity or ""
+            if identity != record.user_identity and record.slot_of(identity) is None:
+                self._on_stranger(event, joined=True)
+        self._advance()
+
+    def _left(self, identity: str, role: str) -> RoomEvent:
+        return RoomEvent(
+            kind="participant_left", room_name=self.record.room_name, identity=identity, role=role
+        )
+
     # creation ------------------------------------------------------------------------------
 
     async def _start(self, message: Start) -> None:
@@ -297,6 +414,13 @@ class SessionActor:
         self._options = message.options
         record = self.record
         metadata = room_metadata(self._deps.deployment, record)
+        try:
+            # Durable before its room exists: a crash at any instant leaves no room that no
+            # stored session claims.
+            await self._deps.persist()
+        except ManagerError as exc:
+            await self._terminate(f"session could not be stored: {exc.message}", exc)
+            return
         try:
             await self._deps.gateway.create_room(
                 record.room_name, metadata=metadata, empty_timeout=self._deps.room_empty_timeout
@@ -550,6 +674,10 @@ class SessionActor:
         self._advance()
 
     @staticmethod
+    def _same_connection(current_sid: str | None, event: RoomEvent) -> bool:
+        return bool(current_sid and event.participant_sid == current_sid)
+
+    @staticmethod
     def _is_stale_leave(current_sid: str | None, event: RoomEvent) -> bool:
         """A participant_left for an earlier connection of this identity (it has reconnected
         since, under a new participant sid): it says nothing about the one in the room now."""
@@ -558,6 +686,8 @@ class SessionActor:
     def _on_client(self, event: RoomEvent, joined: bool) -> bool:
         """Returns whether the event changed anything."""
         record = self.record
+        if joined and record.client_present and self._same_connection(record.client_sid, event):
+            return False  # already known (seen when the session was adopted, say)
         if not joined and self._is_stale_leave(record.client_sid, event):
             log.debug("stale participant_left ignored", extra=self._log_extra(role=ROLE_CLIENT))
             return False
@@ -578,6 +708,9 @@ class SessionActor:
 
     async def _on_service(self, slot: ServiceSlot, event: RoomEvent, joined: bool) -> bool:
         """Returns whether the event changed anything."""
+        if joined and slot.state is ServiceState.JOINED:
+            if self._same_connection(slot.participant_sid, event):
+                return False  # already known (seen when the session was adopted, say)
         if joined:
             slot.state, slot.joined_at, slot.error = ServiceState.JOINED, utc_now(), None
             slot.participant_sid = event.participant_sid or None
@@ -767,6 +900,8 @@ class SessionActor:
             self.record.active_at = self.record.active_at or now
         elif new is S.TERMINATED:
             self.record.terminated_at = now
+        if new is S.TERMINATING:
+            self.record.deadlines.clear()
         self._emit(
             EventType.SESSION_STATUS_CHANGED,
             old=old.value,
@@ -797,19 +932,24 @@ class SessionActor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_timer(self, message_type: type, delay: float) -> None:
+    def _start_timer(self, message_type: type, delay: float, due: datetime | None = None) -> None:
         self._cancel_timer(message_type)
         loop = asyncio.get_running_loop()
         self._timers[message_type] = loop.call_later(delay, self._timer_fired, message_type)
+        name = STORED_TIMERS.get(message_type)
+        if name is not None:
+            self.record.deadlines[name] = due or utc_now() + timedelta(seconds=delay)
 
     def _timer_fired(self, message_type: type) -> None:
         self._timers.pop(message_type, None)
+        self.record.deadlines.pop(STORED_TIMERS.get(message_type, ""), None)
         self.tell(message_type())
 
     def _cancel_timer(self, message_type: type) -> None:
         handle = self._timers.pop(message_type, None)
         if handle is not None:
             handle.cancel()
+        self.record.deadlines.pop(STORED_TIMERS.get(message_type, ""), None)
 
     async def _stop_children(self) -> None:
         for handle in self._timers.values():

@@ -37,6 +37,21 @@ class Start:
 
 
 @dataclass(frozen=True)
+class Adopt:
+    """Take over a session a previous manager process left running: restart its timers from
+    their stored deadlines and catch up with who is in its room now (`participants`, one
+    participant_joined event each; None: LiveKit could not be asked, the room sweep will)."""
+
+    participants: tuple[RoomEvent, ...] | None
+
+
+@dataclass(frozen=True)
+class Detach:
+    """The manager is shutting down and keeps its sessions (shutdown_mode `keep`): stop this
+    actor and leave the room, its client and its services as they are."""
+
+
+@dataclass(frozen=True)
 class RoomEventArrived:
     """A verified LiveKit webhook for this session's room."""
 
@@ -109,6 +124,8 @@ class Terminate:
 
 SessionMessage = (
     Start
+    | Adopt
+    | Detach
     | RoomEventArrived
     | DispatchFinished
     | JoinDeadlinePassed

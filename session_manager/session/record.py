@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from session_manager.clock import rfc3339, utc_now
+from session_manager.clock import parse_rfc3339, rfc3339, utc_now
 from session_manager.session.states import ServiceState, SessionStatus
 
 JsonDict = dict[str, Any]
@@ -15,6 +15,10 @@ JsonDict = dict[str, Any]
 
 def _ts(moment: datetime | None) -> str | None:
     return rfc3339(moment) if moment else None
+
+
+def _moment(text: Any) -> datetime | None:
+    return parse_rfc3339(text) if isinstance(text, str) and text else None
 
 
 def _ms_between(start: datetime | None, end: datetime | None) -> float | None:
@@ -55,6 +59,25 @@ class ServiceSlot:
     def join_ms(self) -> float | None:
         return _ms_between(self.dispatched_at, self.joined_at)
 
+    @classmethod
+    def from_view(cls, view: JsonDict) -> ServiceSlot:
+        """The slot a stored view describes (a restarted manager adopting its session). Which
+        connection is in the room now is not stored: LiveKit is asked again."""
+        return cls(
+            requirement=view["requirement"],
+            service_id=view["service_id"],
+            endpoint=view["endpoint"],
+            service_type=view.get("type"),
+            state=ServiceState(view["state"]),
+            attempts=int(view.get("attempts") or 0),
+            error=view.get("error"),
+            redispatches=int(view.get("redispatches") or 0),
+            declined_by=list(view.get("declined_by") or []),
+            dispatched_at=_moment(view.get("dispatched_at")),
+            joined_at=_moment(view.get("joined_at")),
+            left_at=_moment(view.get("left_at")),
+        )
+
     def view(self) -> JsonDict:
         return {
             "requirement": self.requirement,
@@ -94,6 +117,9 @@ class SessionRecord:
     client_present: bool = False
     client_sid: str | None = None  # LiveKit's sid of the user's connection in the room now
     owner: str | None = None  # id of the API key that created it (never the key); None: no keys
+    # When each running timer fires (its name in the view -> the moment): stored with the view,
+    # so a restarted manager that adopts the session fires them at the same moments.
+    deadlines: dict[str, datetime] = field(default_factory=dict)
 
     @property
     def all_services_joined(self) -> bool:
@@ -132,4 +158,35 @@ class SessionRecord:
             "terminated_at": _ts(self.terminated_at),
             "ready_ms": self.ready_ms,
             "owner": self.owner,
+            "deadlines": {name: rfc3339(moment) for name, moment in self.deadlines.items()},
         }
+
+    @classmethod
+    def from_view(cls, view: JsonDict) -> SessionRecord:
+        """The record a stored view describes: what a restarted manager adopts."""
+        client = view.get("client") or {}
+        slots = [ServiceSlot.from_view(slot) for slot in view.get("services") or []]
+        return cls(
+            session_id=view["session_id"],
+            room_name=view["room_name"],
+            user_identity=view["user_identity"],
+            user_name=view.get("user_name"),
+            metadata=view.get("metadata") or {},
+            services={slot.requirement: slot for slot in slots},
+            status=SessionStatus(view["status"]),
+            reason=view.get("reason"),
+            created_at=_moment(view["created_at"]) or utc_now(),
+            updated_at=_moment(view.get("updated_at")) or utc_now(),
+            ready_at=_moment(view.get("ready_at")),
+            active_at=_moment(view.get("active_at")),
+            terminated_at=_moment(view.get("terminated_at")),
+            client_joined_at=_moment(client.get("joined_at")),
+            client_left_at=_moment(client.get("left_at")),
+            client_present=bool(client.get("joined")),
+            owner=view.get("owner"),
+            deadlines={
+                name: moment
+                for name, text in (view.get("deadlines") or {}).items()
+                if (moment := _moment(text)) is not None
+            },
+        )

@@ -76,6 +76,10 @@ W, R, A, T1, T2 = S.WAITING_FOR_SERVICES, S.READY, S.ACTIVE, S.TERMINATING, S.TE
 TABLE: dict[str, Rule] = {
     # creation: the room, the tokens, the services dispatched
     "Start": _rule(frozenset({S.CREATING}), "_start", W, R, T1, T2),
+    # a restarted manager takes the session over: timers back, the room's participants compared
+    "Adopt": _rule(RUNNING, "_adopt", W, R, A, T1, T2),
+    # the manager shuts down keeping its sessions; one whose creator still waits ends instead
+    "Detach": _rule(RUNNING, "_detach", T1, T2),
     # LiveKit said who joined or left, or that the room is gone
     "RoomEventArrived": _rule(RUNNING, "_on_room_event", W, R, A, T1, T2),
     # a join-room call is over: fine, declined (next instance) or failed (redispatch or end)

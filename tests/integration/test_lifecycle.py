@@ -271,29 +271,60 @@ async def test_services_added_and_removed_over_http(manager: Any) -> None:
         assert_envelope(await missing.json(), "NotFound")
 
 
-async def test_sessions_left_live_by_a_crash_are_ended_at_start(
+async def test_sessions_left_by_a_killed_manager_are_taken_over_at_start(
     start_manager: Any, make_settings: Any, livekit_api: api.LiveKitAPI
 ) -> None:
-    # What a killed manager leaves behind: a live session in its store and its room in LiveKit.
-    settings = make_settings()
+    """What a killed manager leaves behind: sessions marked live in its store, their rooms in
+    LiveKit (or not any more), and a room whose session was never stored."""
+    settings = make_settings(deployment="takeover-test")
     store = SqliteStore(settings.data_dir / "session-manager.sqlite3")
     await store.open()
-    view = {
-        "session_id": "orphan-1",
-        "room_name": "room-orphan-1",
-        "status": "Active",
-        "user_identity": "crash",
-        "created_at": "2026-01-01T00:00:00.000Z",
-    }
-    store.save_session(view)
+    tag = '{"session_manager": "takeover-test"}'
+    for session_id in ("kept", "lost"):
+        store.save_session(
+            {
+                "session_id": session_id,
+                "room_name": f"room-{session_id}",
+                "status": "Ready",
+                "user_identity": "crash",
+                "created_at": "2026-01-01T00:00:00.000Z",
+                "services": [],
+            }
+        )
     await store.aclose()
-    await livekit_api.room.create_room(api.CreateRoomRequest(name="room-orphan-1"))
+    for room in ("room-kept", "room-stray"):
+        await livekit_api.room.create_room(api.CreateRoomRequest(name=room, metadata=tag))
 
-    manager = await start_manager()
-    ended = await (await manager.get("/api/v1/sessions/orphan-1")).json()
+    manager = await start_manager(deployment="takeover-test")
+
+    kept = await (await manager.get("/api/v1/sessions/kept")).json()
+    assert kept["status"] == "Ready"
+    lost = await (await manager.get("/api/v1/sessions/lost")).json()
+    assert lost["status"] == "Terminated"
+    assert lost["reason"].startswith("room lost")
+    rooms = await room_names(livekit_api)
+    assert "room-kept" in rooms and "room-stray" not in rooms
+    # The adopted session is the manager's as any other: it ends when asked.
+    ended = await (await manager.delete("/api/v1/sessions/kept")).json()
     assert ended["status"] == "Terminated"
-    assert ended["reason"] == "session manager restarted while the session was live"
-    assert "room-orphan-1" not in await room_names(livekit_api)
+    assert "room-kept" not in await room_names(livekit_api)
+
+
+async def test_a_shutdown_keeps_sessions_for_the_next_process(
+    start_manager: Any, livekit_api: api.LiveKitAPI
+) -> None:
+    first = await start_manager(shutdown_mode="keep")
+    body = await create(first, required_services=[], metadata={"duration_limit": 3600})
+    sid, room = body["session_id"], body["room_name"]
+    await first.close()  # what SIGTERM does
+    assert room in await room_names(livekit_api)
+
+    second = await start_manager(shutdown_mode="end")
+    view = await (await second.get(f"/api/v1/sessions/{sid}")).json()
+    assert view["status"] == "Ready"
+    assert view["deadlines"]["duration_limit"] >= view["created_at"]
+    await second.close()  # shutdown_mode end: sessions end, rooms go
+    assert room not in await room_names(livekit_api)
 
 
 async def test_metrics_tell_what_runs(manager: Any) -> None:

@@ -12,6 +12,7 @@ from session_manager.registry import Registry
 from session_manager.session.actor import SessionDeps
 from session_manager.store import MemoryStore
 from session_manager.supervisor import Supervisor
+from session_manager.takeover import SessionTakeOver
 from tests.unit.session_harness import FakeGateway, FakeMicroservices, Harness
 
 HarnessFactory = Callable[..., Awaitable[Harness]]
@@ -22,10 +23,20 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
     """Build a supervisor over fakes; keyword arguments override SessionDeps fields."""
     started: list[Supervisor] = []
 
-    async def make(**overrides: Any) -> Harness:
-        store = MemoryStore()
+    async def make(
+        *,
+        store: MemoryStore | None = None,
+        gateway: FakeGateway | None = None,
+        keep_sessions_at_shutdown: bool = False,
+        take_over: bool = False,
+        **overrides: Any,
+    ) -> Harness:
+        """`store` and `gateway`: those a previous harness left (a restart); `take_over`:
+        adopt the sessions it left live, as a starting daemon does."""
+        store = store or MemoryStore()
         registry = Registry(store, unhealthy_after=2, healthy_after=2)
-        gateway = FakeGateway()
+        await registry.load()
+        gateway = gateway or FakeGateway()
         microservices = FakeMicroservices()
         events = EventLog(1000, first_id=1)
         values: dict[str, Any] = {
@@ -39,8 +50,27 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
             "teardown_timeout": 1.0,
             **overrides,
         }
-        supervisor = Supervisor(registry, store, SessionDeps(**values), events=events)
-        await supervisor.start()
+        deps = SessionDeps(**values)
+        supervisor = Supervisor(
+            registry,
+            store,
+            deps,
+            events=events,
+            keep_sessions_at_shutdown=keep_sessions_at_shutdown,
+        )
+        adopted = None
+        if take_over:
+            takeover = SessionTakeOver(
+                store,
+                gateway,  # type: ignore[arg-type]
+                events,
+                rooms_survive=True,
+                deployment=deps.deployment,
+                livekit_timeout=1.0,
+                flush_timeout=1.0,
+            )
+            adopted = (await takeover.run()).adopted
+        await supervisor.start(adopted)
         started.append(supervisor)
         return Harness(supervisor, gateway, microservices, registry, events, store=store)
 

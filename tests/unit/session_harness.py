@@ -46,6 +46,8 @@ class FakeGateway:
     fail_create: BaseException | None = None
     removed: list[tuple[str, str]] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)  # room name -> its metadata
+    # room name -> who LiveKit says is in it (for a manager that takes a room over)
+    participants: dict[str, list[RoomEvent]] = field(default_factory=dict)
 
     async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
         if self.fail_create is not None:
@@ -59,6 +61,9 @@ class FakeGateway:
 
     async def list_rooms(self) -> dict[str, str]:
         return {name: self.metadata.get(name, "") for name in self.rooms}
+
+    async def list_participants(self, room: str) -> tuple[RoomEvent, ...] | None:
+        return tuple(self.participants.get(room, ())) if room in self.rooms else None
 
     async def remove_participant(self, room: str, identity: str) -> None:
         self.removed.append((room, identity))
