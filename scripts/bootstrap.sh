@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Makes a fresh machine ready: a project virtualenv with the package and its dev tools, the pinned
-# livekit-server, and iproute2 for the network-namespace tests. Idempotent and quiet when done.
+# livekit-server, iproute2 for the network-namespace tests, and redis-server for the Redis store's
+# tests (they start their own server; the system service is not started). Idempotent and quiet
+# when done.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -20,4 +22,8 @@ bash scripts/install-livekit.sh
 
 if ! command -v ip >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
   apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+fi
+
+if ! command -v redis-server >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+  apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
 fi

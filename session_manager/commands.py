@@ -196,6 +196,35 @@ class ReconcileRooms:
 
 
 @dataclass(frozen=True)
+class SessionsLost:
+    """Another process of the cluster holds these sessions' leases now: give them up."""
+
+    session_ids: list[str]
+
+
+@dataclass(frozen=True)
+class AdoptSessions:
+    """Sessions whose owner is gone, claimed by this process: run an actor for each."""
+
+    adoptions: list[Any]  # takeover.Adoption (not imported: the takeover imports commands' peers)
+
+
+@dataclass(frozen=True)
+class RemoteWebhook:
+    """A webhook another process of the cluster received, for whichever process owns the room."""
+
+    event: RoomEvent
+
+
+@dataclass(frozen=True)
+class RegistryChanged:
+    """Another process changed a registration in the shared store: read it again."""
+
+    service_id: str
+    status: str | None  # its health there, for a registration new to this process
+
+
+@dataclass(frozen=True)
 class IoFinished:
     """A piece of I/O the supervisor ran outside its loop is done; `then` runs in the loop."""
 
@@ -223,5 +252,9 @@ SupervisorMessage = (
     | LiveKitLost
     | LiveKitBack
     | ReconcileRooms
+    | SessionsLost
+    | AdoptSessions
+    | RemoteWebhook
+    | RegistryChanged
     | IoFinished
 )

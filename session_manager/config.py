@@ -45,10 +45,21 @@ class Settings(BaseModel):
     log_level: LogLevel = Field("INFO", description="ERROR, WARN, INFO, DEBUG or TRACE")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
 
-    store: Literal["sqlite", "memory"] = Field(
+    store: Literal["sqlite", "memory", "redis"] = Field(
         "sqlite", description="where sessions and registrations are kept"
     )
     data_dir: Path = Field(Path("var"), description="folder of the SQLite database")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis of store = redis (redis://, rediss:// or unix://; may hold a password, "
+        "which is never logged)",
+    )
+    redis_timeout: float = Field(
+        2.0, gt=0, description="seconds for one Redis operation, retries included"
+    )
+    redis_prefix: str = Field(
+        "session-manager:", description="prefix of every Redis key of this store"
+    )
 
     livekit_url: str | None = Field(
         None, description="external LiveKit server (ws/http URL); unset: run a managed one"
@@ -202,6 +213,19 @@ class Settings(BaseModel):
     webhook_queue: int = Field(10_000, ge=1, description="webhook deliveries waiting, at most")
     webhook_concurrency: int = Field(4, ge=1, description="webhook POSTs in flight per target")
     shutdown_timeout: float = Field(10.0, gt=0, description="seconds for each shutdown stage")
+    lease_ttl: float = Field(
+        5.0,
+        ge=0.5,
+        le=300,
+        description="store = redis: seconds a manager process owns its sessions without renewing; "
+        "a process that dies has its sessions adopted by the others about this long after",
+    )
+    shutdown_mode: Literal["keep", "end"] = Field(
+        "keep",
+        description="on SIGTERM: 'keep' leaves live sessions running (rooms, clients, services) "
+        "for the next process to adopt; 'end' ends them and deletes their rooms (with the "
+        "memory store, or the managed LiveKit whose rooms stop with it, sessions always end)",
+    )
 
     @field_validator("livekit_url", "livekit_public_url", "livekit_webhook_url")
     @classmethod
@@ -350,6 +374,7 @@ def load_settings(
             raise SettingsError(f"unknown setting {field} (from {where})") from None
         raise SettingsError(f"invalid setting {field} (from {where}): {first['msg']}") from None
     _check_livekit_credentials(settings)
+    _check_cluster(settings)
     _check_webhooks(settings)
     _check_exposure(settings)
     return settings
@@ -389,6 +414,15 @@ def _check_webhooks(settings: Settings) -> None:
             key = b""
         if not key:
             raise SettingsError("invalid setting webhook_secret: whsec_ must be followed by base64")
+
+
+def _check_cluster(settings: Settings) -> None:
+    """Managers sharing a Redis share one LiveKit: a managed one would be one per process."""
+    if settings.store == "redis" and settings.livekit_url is None:
+        raise SettingsError(
+            "invalid setting livekit_url: required when store = redis (the managers sharing a "
+            "Redis must share one LiveKit)"
+        )
 
 
 def _check_livekit_credentials(settings: Settings) -> None:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from session_manager.clock import now_rfc3339
+from session_manager.cluster.node import ClusterNode
 from session_manager.config import Settings
 from session_manager.dispatch import DispatchPolicy, MicroserviceClient
 from session_manager.egress import EndpointAllow, EndpointGuard
@@ -30,10 +35,11 @@ from session_manager.livekit.webhooks import WebhookVerifier
 from session_manager.registry import Registry
 from session_manager.registry.health import HealthMonitor
 from session_manager.session.actor import SessionDeps
+from session_manager.session.record import SessionRecord
 from session_manager.store import MemoryStore, SqliteStore, Store
 from session_manager.store.retention import RetentionSweeper
 from session_manager.supervisor import Supervisor
-from session_manager.takeover import SessionTakeOver
+from session_manager.takeover import Adoption, SessionTakeOver
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,9 @@ class Daemon:
         self.supervisor: Supervisor
         self.health: HealthMonitor
         self.livekit_server: ManagedLiveKitServer | None = None
+        self.node_id = uuid.uuid4().hex[:16]  # this process among the managers on one Redis
+        self.cluster: ClusterNode | None = None
+        self._cluster_adopted: list[Adoption] = []
 
     def fail(self, component: str, reason: str) -> None:
         """A core part is gone for good: report it and have the process exit non-zero."""
@@ -95,6 +104,7 @@ class Daemon:
                 ("registry", self._load_registry),
                 ("livekit", self._connect_livekit),
                 ("microservice client", self._start_microservice_client),
+                ("cluster", self._join_cluster),
                 ("sessions", self._start_sessions),
                 ("livekit watch", self._watch_livekit),
                 ("health monitor", self._start_health_monitor),
@@ -123,7 +133,7 @@ class Daemon:
             "flush_timeout": settings.store_flush_timeout,
         }
         if settings.store == "redis":
-            # Imported here: only a manager configured for Redis loads its client.
+            # Not exported by session_manager.store, whose other users need no Redis client.
             from session_manager.store.redis_store import RedisStore
 
             self.store = RedisStore(
@@ -222,28 +232,22 @@ class Daemon:
             client_reconnect_grace=settings.client_reconnect_grace,
             deployment=settings.deployment,
             max_session_duration=settings.max_session_duration,
-            persist=self.store.flush,
+            persist=self._persist_session,
         )
         # Sessions are kept at shutdown only where the next process can adopt them: a stored
         # session (not the memory store) in a room that outlives this process (not the managed
         # LiveKit, which stops with it).
         rooms_survive = self.livekit_server is None
         keep = settings.shutdown_mode == "keep" and settings.store != "memory" and rooms_survive
-        takeover = SessionTakeOver(
-            self.store,
-            self.gateway,
-            self.events,
-            rooms_survive=rooms_survive,
-            deployment=settings.deployment,
-            livekit_timeout=settings.livekit_timeout,
-            flush_timeout=settings.store_flush_timeout,
-        )
-        try:
-            left_behind = await takeover.run()
-        except ManagerError as exc:
-            raise StartupFailed(
-                f"sessions left by the previous process could not be read: {exc.message}"
-            ) from None
+        if self.cluster is not None:
+            adopted = self._cluster_adopted  # claimed when joining the cluster
+        else:
+            try:
+                adopted = (await self._takeover(rooms_survive).run()).adopted
+            except ManagerError as exc:
+                raise StartupFailed(
+                    f"sessions left by the previous process could not be read: {exc.message}"
+                ) from None
         self.supervisor = Supervisor(
             self.registry,
             self.store,
@@ -258,9 +262,63 @@ class Daemon:
             max_sessions_per_user=settings.max_sessions_per_user,
             max_services=settings.max_services,
             keep_sessions_at_shutdown=keep,
+            cluster=self.cluster,
         )
-        await self.supervisor.start(left_behind.adopted)
+        await self.supervisor.start(adopted)
         self._stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
+
+    def _takeover(self, rooms_survive: bool) -> SessionTakeOver:
+        settings = self.settings
+        return SessionTakeOver(
+            self.store,
+            self.gateway,
+            self.events,
+            rooms_survive=rooms_survive,
+            deployment=settings.deployment,
+            livekit_timeout=settings.livekit_timeout,
+            flush_timeout=settings.store_flush_timeout,
+        )
+
+    async def _persist_session(self, record: SessionRecord) -> None:
+        """A new session is owned (in a cluster, with its places on the instances it uses) and
+        stored before its room is created."""
+        if self.cluster is not None:
+            places = {}
+            for slot in record.services.values():
+                service = self.registry.find(slot.service_id)
+                places[slot.service_id] = service.max_sessions if service else None
+            await self.cluster.claim_new(record.session_id, places)
+        await self.store.flush()
+
+    async def _join_cluster(self) -> None:
+        """With store = "redis", this process is one of the managers sharing that Redis: it
+        claims the sessions no process owns (adopted in the sessions stage)."""
+        settings = self.settings
+        if settings.store != "redis":
+            return
+        redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._stage("cluster redis client", redis.aclose)
+        cluster = ClusterNode(
+            redis,
+            self.store,
+            self._takeover(rooms_survive=True),
+            prefix=settings.redis_prefix,
+            node_id=self.node_id,
+            lease_ttl=settings.lease_ttl,
+            timeout=settings.redis_timeout,
+        )
+        try:
+            self._cluster_adopted = await cluster.start()
+        except ManagerError as exc:
+            await cluster.aclose()
+            raise StartupFailed(f"could not join the managers on Redis: {exc.message}") from None
+        self._stage("cluster", cluster.aclose)
+        self.cluster = cluster
 
     async def _watch_livekit(self) -> None:
         # After the sessions stage, so it closes before it: the sessions ended at shutdown are

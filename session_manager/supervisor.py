@@ -30,11 +30,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from session_manager.cluster.bus import SessionCommand
+from session_manager.cluster.node import ClusterNode
 from session_manager.commands import (
     OPEN_ACCESS,
     Access,
     ActorExited,
     AddSessionService,
+    AdoptSessions,
     CreateSession,
     DeleteSession,
     DeregisterService,
@@ -51,8 +54,11 @@ from session_manager.commands import (
     NewSession,
     ReconcileRooms,
     RegisterService,
+    RegistryChanged,
+    RemoteWebhook,
     RemoveSessionService,
     RotateServiceSecret,
+    SessionsLost,
     SupervisorMessage,
     UpdateService,
 )
@@ -81,6 +87,7 @@ from session_manager.session.actor import (
     SessionDeps,
     created_by,
     mint_client_token,
+    room_session,
 )
 from session_manager.session.messages import (
     AddService,
@@ -95,7 +102,7 @@ from session_manager.session.messages import (
     settle,
 )
 from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
-from session_manager.session.states import SessionStatus
+from session_manager.session.states import LIVE_STATUSES, SessionStatus
 from session_manager.store.base import Store
 from session_manager.supervision import cancel_and_wait, watch
 from session_manager.takeover import Adoption
@@ -146,7 +153,9 @@ class Supervisor:
         max_sessions_per_user: int | None = None,
         max_services: int = 10_000,
         keep_sessions_at_shutdown: bool = False,
+        cluster: ClusterNode | None = None,
     ) -> None:
+        self._cluster = cluster
         self._events = events
         self._keep_sessions_at_shutdown = keep_sessions_at_shutdown
         self._max_live_sessions = max_live_sessions
@@ -227,12 +236,26 @@ class Supervisor:
         (see session_manager.takeover)."""
         self._loop_task = asyncio.create_task(self._run(), name="supervisor")
         watch(self._loop_task, self._loop_died)
-        for adoption in adopted or ():
+        self._adopt(adopted or [])
+        cluster = self._cluster
+        if cluster is not None:
+            cluster.on_lost = lambda session_ids: self.tell(SessionsLost(session_ids))
+            cluster.on_orphans = lambda adoptions: self.tell(AdoptSessions(adoptions))
+            cluster.bus.run_command = self._run_for_another_process
+            cluster.bus.deliver_webhook = lambda event: self.tell(RemoteWebhook(event))
+            cluster.bus.registry_changed = lambda sid, status: self.tell(
+                RegistryChanged(sid, status)
+            )
+        self._room_sweeps.start()
+
+    def _adopt(self, adoptions: list[Adoption]) -> None:
+        for adoption in adoptions:
             record = adoption.record
+            if record.session_id in self._children:
+                continue
             for slot in record.services.values():
                 self._registry.acquire(slot.service_id, record.session_id)
             self._run_actor(record, Adopt(adoption.participants))
-        self._room_sweeps.start()
 
     async def _ask_for_sweep(self) -> None:
         self.tell(ReconcileRooms())
@@ -266,6 +289,14 @@ class Supervisor:
                     await cancel_and_wait(pending)
             self._closed = True
             await self._room_sweeps.aclose()
+            if self._keep_sessions_at_shutdown and self._cluster is not None:
+                # Their last views first, then their leases: other processes adopt them now.
+                try:
+                    await self._store.flush()
+                except ManagerError:
+                    log.error("views not written at shutdown; leases left to run out")
+                else:
+                    await self._cluster.hand_over()
             await cancel_and_wait((self._loop_task, *self._io))
             self._loop_task = None
             self._refuse_leftovers()
@@ -327,8 +358,8 @@ class Supervisor:
                 if child is not None:
                     _check_session_owner(session_id, child.actor.record.owner, access)
                     child.actor.tell(Terminate(TERMINATED_BY_REQUEST, reply))
-                else:  # already ended: idempotent
-                    self._offload(self._stored_view(session_id, access), reply=reply)
+                else:  # already ended (idempotent), or another process's
+                    self._offload(self._elsewhere(session_id, "delete", None, access), reply=reply)
             case AddSessionService(session_id=session_id, requirement=requirement, reply=reply):
                 self._tell_running(
                     session_id, AddService(requirement, reply), reply, message.access
@@ -338,7 +369,28 @@ class Supervisor:
                     session_id, RemoveService(service_id, reply), reply, message.access
                 )
             case LiveKitEvent(event=event):
-                self._route(event)
+                if self._cluster is not None and event.event_id:
+                    # LiveKit may post each webhook to every process: one acts on it.
+                    first = self._cluster.first_sight(event.event_id)
+                    self._offload(first, then=lambda task: self._route_first(event, task))
+                else:
+                    self._route(event)
+            case RemoteWebhook(event=event):
+                child = self._children.get(self._rooms.get(event.room_name, ""))
+                if child is not None:
+                    child.actor.tell(RoomEventArrived(event))
+            case SessionsLost(session_ids=session_ids):
+                for session_id in session_ids:
+                    child = self._children.get(session_id)
+                    if child is not None:
+                        child.actor.relinquish()
+            case AdoptSessions(adoptions=adoptions):
+                self._adopt(adoptions)
+            case RegistryChanged(service_id=service_id, status=status):
+                self._offload(
+                    self._store.load_services(),
+                    then=lambda task: self._registration_read(service_id, status, task),
+                )
             case ActorExited(session_id=session_id, task=task):
                 self._reap(session_id, task)
             case HealthChecked(results=results):
@@ -460,6 +512,9 @@ class Supervisor:
                 return
             log.info(event.value, extra={"service_id": service_id})
             self._events.append(event, service_id=service_id, data=record.view())
+            if self._cluster is not None:  # the other processes read it again
+                status = record.status.value if self._registry.find(service_id) else None
+                self._offload(self._cluster.bus.announce_registration(service_id, status))
             settle(reply, record.view() if answer is None else answer)
 
         self._registry_writes[service_id] = self._offload(write(), then=written)
@@ -526,12 +581,15 @@ class Supervisor:
             deployment = self._deps.deployment
             for name, metadata in rooms.items():
                 if name not in self._rooms and created_by(metadata) == deployment:
-                    log.info("deleting a room no live session owns", extra={"room_name": name})
-                    self._offload(self._delete_stray_room(name))
+                    self._offload(self._delete_stray_room(name, room_session(metadata)))
 
         return compare
 
-    async def _delete_stray_room(self, name: str) -> None:
+    async def _delete_stray_room(self, name: str, session_id: str | None) -> None:
+        if self._cluster is not None and session_id is not None:
+            if await self._cluster.live_anywhere({session_id}):
+                return  # the room of a session another process owns
+        log.info("deleting a room no live session owns", extra={"room_name": name})
         try:
             await self._deps.gateway.delete_room(name)
         except ManagerError as exc:  # the next sweep tries again
@@ -561,11 +619,53 @@ class Supervisor:
             child.actor.tell(message)
             return
 
-        async def not_running() -> Any:
-            await self._stored_view(session_id, access)  # NotFound when it never existed
-            raise Conflict(f"Session {session_id} has ended")
+        op = "add_service" if isinstance(message, AddService) else "remove_service"
+        argument = message.requirement if isinstance(message, AddService) else message.service_id
+        self._offload(self._elsewhere(session_id, op, argument, access), reply=reply)
 
-        self._offload(not_running(), reply=reply)
+    async def _elsewhere(
+        self, session_id: str, op: str, argument: str | None, access: Access
+    ) -> JsonDict:
+        """A command for a session with no actor here: it has ended (a delete answers its final
+        view, anything else a 409), never existed (404), or runs in another process of the
+        cluster, which is asked to run it."""
+        view = await self._stored_view(session_id, access)  # NotFound when it never existed
+        if self._cluster is not None and view["status"] in {s.value for s in LIVE_STATUSES}:
+            return await self._cluster.ask_owner(SessionCommand(op, session_id, argument, access))
+        if op == "delete":
+            return view
+        raise Conflict(f"Session {session_id} has ended")
+
+    def _run_for_another_process(self, command: SessionCommand) -> asyncio.Future[JsonDict] | None:
+        """The cluster bus asks whether this process owns a session, and if so to run a command
+        another process received for it (called from the bus's loop: only reads here)."""
+        if command.session_id not in self._children:
+            return None
+        reply: asyncio.Future[JsonDict] = asyncio.get_running_loop().create_future()
+        sid, argument, access = command.session_id, command.argument or "", command.access
+        if command.op == "delete":
+            self.tell(DeleteSession(sid, reply, access))
+        elif command.op == "add_service":
+            self.tell(AddSessionService(sid, argument, reply, access))
+        else:
+            self.tell(RemoveSessionService(sid, argument, reply, access))
+        return reply
+
+    def _route_first(self, event: RoomEvent, first: asyncio.Future[bool]) -> None:
+        if not first.cancelled() and first.exception() is None and first.result():
+            self._route(event)
+
+    def _registration_read(
+        self, service_id: str, status: str | None, task: asyncio.Future[list[JsonDict]]
+    ) -> None:
+        if task.cancelled() or task.exception() is not None:
+            log.warning(
+                "a registration changed elsewhere could not be read",
+                extra={"service_id": service_id},
+            )
+            return
+        stored = next((s for s in task.result() if s["service_id"] == service_id), None)
+        self._registry.apply_stored(service_id, stored, ServiceStatus(status) if status else None)
 
     def _create_session(self, message: CreateSession) -> None:
         self._check_can_create(message.spec)
@@ -791,6 +891,9 @@ class Supervisor:
                 self._seen_webhooks.popitem(last=False)
         session_id = self._rooms.get(event.room_name)
         child = self._children.get(session_id) if session_id else None
+        if child is None and self._cluster is not None:
+            self._offload(self._cluster.share_webhook(event))  # its owner may be elsewhere
+            return
         if child is None:
             # Not ours (another app's room) or a session already reaped: say so, then drop.
             log.debug(
@@ -802,6 +905,13 @@ class Supervisor:
 
     def _reap(self, session_id: str, task: asyncio.Task[None]) -> None:
         child = self._children.pop(session_id, None)
+        if (
+            child is not None
+            and self._cluster is not None
+            and child.actor.record.status is SessionStatus.TERMINATED
+        ):
+            services = [slot.service_id for slot in child.actor.record.services.values()]
+            self._offload(self._cluster.session_ended(session_id, services))
         if child is not None:
             self._rooms.pop(child.actor.record.room_name, None)
             self.sessions_ended += 1

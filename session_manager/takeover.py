@@ -85,8 +85,15 @@ class SessionTakeOver:
         self._at_once = asyncio.Semaphore(LIVEKIT_CALLS_AT_ONCE)
 
     async def run(self) -> TakeOver:
-        """Raises ManagerError (StoreUnavailable) if the stored sessions cannot be read."""
-        outcome = await self._decide(await self._left_behind())
+        """Take over every session the store holds as not ended (one process alone on its
+        store). Raises ManagerError (StoreUnavailable) if they cannot be read."""
+        return await self.take_over(await self._left_behind(), delete_strays=True)
+
+    async def take_over(self, views: list[JsonDict], *, delete_strays: bool = False) -> TakeOver:
+        """Take over these sessions (a cluster's process: those whose owner is gone). Rooms no
+        session owns are deleted only with `delete_strays`: only a process alone on its store
+        knows every session."""
+        outcome = await self._decide(views, delete_strays=delete_strays)
         try:
             await self._store.flush(self._flush_timeout)
         except ManagerError:
@@ -102,7 +109,7 @@ class SessionTakeOver:
             )
         return outcome
 
-    async def _decide(self, views: list[JsonDict]) -> TakeOver:
+    async def _decide(self, views: list[JsonDict], *, delete_strays: bool) -> TakeOver:
         outcome = TakeOver()
         if not self._rooms_survive:
             await asyncio.gather(
@@ -138,7 +145,7 @@ class SessionTakeOver:
             outcome.adopted.append(Adoption(record, participants))
         await asyncio.gather(*gone)
         outcome.ended += len(gone)
-        if rooms is not None:
+        if rooms is not None and delete_strays:
             outcome.stray_rooms_deleted = await self._delete_strays(rooms, outcome.adopted)
         return outcome
 

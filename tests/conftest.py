@@ -14,16 +14,20 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from livekit import api
 from livekit.rtc import _ffi_client
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from session_manager.api.app import create_app
 from session_manager.config import Settings
@@ -242,7 +246,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ------------------------------------------------------------------- nothing left running
 
 # What the suite starts as processes: a run must end with none of them alive.
-OUR_PROCESSES = ("livekit-server", "session_manager", "session-manager", "pong.py", "agent")
+OUR_PROCESSES = (
+    "livekit-server",
+    "redis-server",
+    "session_manager",
+    "session-manager",
+    "pong.py",
+    "agent",
+)
 
 
 def _our_survivors() -> dict[int, str]:
@@ -288,3 +299,113 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ------------------------------------------------------------------------------------- redis
+
+
+class RedisUnderTest:
+    """The redis-server of this test session: on a free loopback port, in a folder of its own,
+    without persistence of its own. `stop` and `start` make an outage of it on the same port;
+    `pause` and `resume` make it hang (SIGSTOP: connections are still accepted, nothing is
+    answered)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self._process is not None:
+            return
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.workdir), "--save", "", "--appendonly", "no"]
+        command += ["--daemonize", "no"]
+        with (self.workdir / "redis.log").open("ab") as output:
+            process = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # gone with this test process, however it ends
+            )
+        self._process = process
+        deadline = time.monotonic() + timeout
+        while not self._answers_ping():
+            if process.poll() is not None:
+                self._process = None
+                raise RuntimeError(f"redis-server exited with {process.returncode}")
+            if time.monotonic() > deadline:
+                self.stop(keep_data=False)
+                raise RuntimeError(f"redis-server did not answer on {self.url} within {timeout}s")
+            time.sleep(0.02)
+
+    def stop(self, *, keep_data: bool = True) -> None:
+        """End the server. `keep_data`: as a Redis that persists would, the next `start` finds
+        what was written (saved to its folder first); else it starts empty."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        self._resume(process)
+        if keep_data:
+            # Saves and exits in one command: nothing written in between can be lost.
+            with contextlib.suppress(Exception), self._client() as client:
+                client.shutdown(save=True)
+        for end in (process.terminate, process.kill):
+            if process.poll() is None:
+                end()
+            try:
+                process.wait(5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def pause(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._resume(self._process)
+
+    def _resume(self, process: subprocess.Popen[bytes]) -> None:
+        if self._paused:
+            process.send_signal(signal.SIGCONT)
+            self._paused = False
+
+    def _client(self) -> redis.Redis:
+        # The sync client: these helpers run outside the test's event loop, or block it briefly.
+        # No retries: SHUTDOWN closes the connection, which redis-py would otherwise retry.
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+
+    def _answers_ping(self) -> bool:
+        try:
+            with self._client() as client:
+                return bool(client.ping())
+        except Exception:
+            return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisUnderTest]:
+    server = RedisUnderTest(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(keep_data=False)
+
+
+@pytest.fixture
+def redis_prefix(redis_server: RedisUnderTest) -> Iterator[str]:
+    """A key prefix of this test's own on the session's redis-server, which is running and
+    answering when the test starts and after it ends (an outage test may have stopped it)."""
+    redis_server.resume()
+    redis_server.start()
+    yield f"test-{uuid.uuid4().hex}:"
+    redis_server.resume()
+    redis_server.start()

@@ -249,6 +249,28 @@ class Registry:
         record.signing_secret = new_secret()
         return record, undo
 
+    def apply_stored(
+        self, service_id: str, stored: JsonDict | None, status: ServiceStatus | None
+    ) -> None:
+        """Another process of the cluster changed this registration in the shared store: take
+        its registration as stored, keeping what this process knows live (health, its load).
+        A registration new here starts with `status` (its health where it was registered)."""
+        if stored is None:
+            self._services.pop(service_id, None)
+            return
+        fresh = ServiceRecord.from_stored(stored)
+        known = self._services.get(service_id)
+        if known is None:
+            fresh.status = status or ServiceStatus.UNKNOWN
+        else:
+            fresh.status, fresh.sessions = known.status, known.sessions
+            fresh.failures_in_a_row = known.failures_in_a_row
+            fresh.successes_in_a_row = known.successes_in_a_row
+            fresh.last_error, fresh.last_check_at = known.last_error, known.last_check_at
+            fresh.last_chosen = known.last_chosen
+        self._services[service_id] = fresh
+        self._index(fresh)
+
     def forget(self, service_id: str) -> None:
         """Undo a `register` whose write failed."""
         self._services.pop(service_id, None)

@@ -94,7 +94,7 @@ TIMER_BY_NAME = {name: timer for timer, name in STORED_TIMERS.items()}
 SHUT_DOWN_BEFORE_ANSWER = "session manager shut down before the session was answered"
 
 
-async def _nothing_to_persist() -> None:
+async def _nothing_to_persist(record: SessionRecord) -> None:
     return None
 
 
@@ -117,7 +117,7 @@ class SessionDeps:
     max_session_duration: float = 86400.0  # caps every client token's lifetime (plus margins)
     # Makes what was published so far durable (the store's flush): a session is stored before
     # its room is created, so a crash never leaves a room no stored session claims.
-    persist: Callable[[], Awaitable[None]] = _nothing_to_persist
+    persist: Callable[[SessionRecord], Awaitable[None]] = _nothing_to_persist
 
 
 def duration_limit(metadata: JsonDict) -> float | None:
@@ -140,14 +140,23 @@ def room_metadata(deployment: str, record: SessionRecord) -> str:
     ).decode()
 
 
-def created_by(metadata: str) -> str | None:
-    """The deployment a room's metadata names, if it is one of ours."""
+def _room_field(metadata: str, name: str) -> str | None:
     try:
         parsed = orjson.loads(metadata)
     except orjson.JSONDecodeError:
         return None
-    tag = parsed.get(ROOM_TAG) if isinstance(parsed, dict) else None
-    return tag if isinstance(tag, str) else None
+    value = parsed.get(name) if isinstance(parsed, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def created_by(metadata: str) -> str | None:
+    """The deployment a room's metadata names, if it is one of ours."""
+    return _room_field(metadata, ROOM_TAG)
+
+
+def room_session(metadata: str) -> str | None:
+    """The session a room of ours was created for, from its metadata."""
+    return _room_field(metadata, "session_id")
 
 
 def token_ttl(deps: SessionDeps, metadata: JsonDict) -> timedelta:
@@ -193,6 +202,7 @@ class SessionActor:
         self._closed = False
         self._detaching = False  # the manager shuts down keeping this session (Detach)
         self._detached = False
+        self._relinquished = False  # another process owns it now: write nothing more
 
     @property
     def session_id(self) -> str:
@@ -208,6 +218,12 @@ class SessionActor:
         """The manager shuts down and keeps its sessions: stop after the messages already in
         the inbox, leaving the session live for the next process (which adopts it)."""
         self._detaching = True
+        self.tell(Detach())
+
+    def relinquish(self) -> None:
+        """Another process of the cluster owns the session now: stop at once, end nothing,
+        and publish no view (the owner's are the ones that count)."""
+        self._relinquished = self._detaching = True
         self.tell(Detach())
 
     def _answer_late(self, message: SessionMessage) -> None:
@@ -327,14 +343,16 @@ class SessionActor:
         settle(message.reply, self.record.view())
 
     async def _detach(self, _: Detach) -> None:
-        if self._create_reply is not None:
+        if self._create_reply is not None and not self._relinquished:
             # Its creator has no answer yet, so no user has its token: nobody would miss it,
             # and the retry of the create makes a new one.
             stopping = ShuttingDown("the session manager is shutting down")
             await self._terminate(SHUT_DOWN_BEFORE_ANSWER, stopping)
             return
         self._detached = True
-        log.debug("session kept for the next manager process", extra=self._log_extra())
+        settle(self._create_reply, error=ShuttingDown("the session moved to another process"))
+        self._create_reply = None
+        log.debug("session left to another manager process", extra=self._log_extra())
 
     # adoption --------------------------------------------------------------------------------
 
@@ -417,7 +435,7 @@ class SessionActor:
         try:
             # Durable before its room exists: a crash at any instant leaves no room that no
             # stored session claims.
-            await self._deps.persist()
+            await self._deps.persist(record)
         except ManagerError as exc:
             await self._terminate(f"session could not be stored: {exc.message}", exc)
             return
@@ -919,7 +937,8 @@ class SessionActor:
         log.log(level, "session status changed", extra=extra)
 
     def _publish(self) -> None:
-        self._publish_view(self.record.view())
+        if not self._relinquished:
+            self._publish_view(self.record.view())
 
     def _emit(self, event: EventType, *, service_id: str | None = None, **data: Any) -> None:
         self._deps.events.append(

@@ -71,8 +71,6 @@ async def read_to_end(response: Any) -> list[Frame]:
     return frames
 
 
-
-
 MakeClient = Callable[..., Awaitable[Client]]
 
 

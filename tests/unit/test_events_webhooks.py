@@ -121,8 +121,6 @@ async def make_webhooks() -> AsyncIterator[Callable[..., Awaitable[OutboundWebho
         await webhooks.aclose(timeout=1.0)
 
 
-
-
 def interleaved_sessions(log: EventLog, per_session: int = 5) -> list[Event]:
     events = []
     for n in range(per_session):

@@ -296,7 +296,7 @@ async def test_a_session_is_stored_before_its_room_is_created(
     gateway = FakeGateway()
     create_room = gateway.create_room
 
-    async def persist() -> None:
+    async def persist(record: SessionRecord) -> None:
         order.append("stored")
 
     async def create_room_logged(name: str, *, metadata: str, empty_timeout: int) -> None:
@@ -310,7 +310,7 @@ async def test_a_session_is_stored_before_its_room_is_created(
 
 
 async def test_a_session_that_cannot_be_stored_gets_no_room(make_harness: HarnessFactory) -> None:
-    async def persist() -> None:
+    async def persist(record: SessionRecord) -> None:
         raise StoreUnavailable("disk full")
 
     harness = await make_harness(persist=persist)

@@ -136,8 +136,6 @@ def join_body(session_id: str = "sess-1", room_name: str = "room-1") -> dict[str
     }
 
 
-
-
 def serving(service: MicroserviceRunner) -> bool:
     try:
         return service.port > 0

@@ -77,8 +77,6 @@ class FakeRoom:
             callback(*args)
 
 
-
-
 def packet(data: bytes, sender: str | None, topic: str = "") -> rtc.DataPacket:
     return rtc.DataPacket(
         data=data,

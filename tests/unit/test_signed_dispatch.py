@@ -695,5 +695,3 @@ async def test_an_update_cannot_point_a_registration_at_a_refused_address(
     assert (await response.json())["message"].startswith("endpoint")
     view = await (await api.get("/api/v1/microservices/asr-1")).json()
     assert view["endpoint"] == service.url
-
-

@@ -37,8 +37,6 @@ def view(session_id: str, status: str = "Active", **extra: Any) -> JsonDict:
     }
 
 
-
-
 async def reopened(path: Path) -> SqliteStore:
     store = SqliteStore(path)
     await store.open()

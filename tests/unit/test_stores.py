@@ -1,6 +1,7 @@
-"""Both stores keep the same promises: sessions listed newest first with filters and cursors,
+"""Every store keeps the same promises: sessions listed newest first with filters and cursors,
 views readable right after they are queued, idempotency keys, old rows purged, and the same
-health interface (capacity check, bounded flush). Faults of the SQLite store: test_store_faults."""
+health interface (capacity check, bounded flush). The Redis store runs on the test session's real
+redis-server. Faults of the SQLite store: test_store_faults; Redis specifics: test_redis_store."""
 
 from __future__ import annotations
 
@@ -13,12 +14,20 @@ import pytest
 
 from session_manager.health_board import HealthBoard
 from session_manager.store import MemoryStore, SqliteStore, Store
+from session_manager.store.redis_store import RedisStore
 from session_manager.store.retention import RetentionSweeper
+from tests.conftest import RedisUnderTest
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    made: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.db")
+    made: Store
+    if request.param == "redis":
+        # Asked for here only: the memory and SQLite runs need no redis-server.
+        server: RedisUnderTest = request.getfixturevalue("redis_server")
+        made = RedisStore(server.url, prefix=request.getfixturevalue("redis_prefix"))
+    else:
+        made = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.db")
     await made.open()
     yield made
     await made.aclose()
@@ -94,7 +103,9 @@ async def test_a_healthy_store_takes_new_sessions_and_flushes_in_time(store: Sto
     assert store.healthy
 
 
-async def test_a_store_is_built_alike_whichever_kind(tmp_path: Path) -> None:
+async def test_a_store_is_built_alike_whichever_kind(
+    tmp_path: Path, redis_server: RedisUnderTest, redis_prefix: str
+) -> None:
     board = HealthBoard()
     options: dict[str, Any] = {
         "board": board,
@@ -102,7 +113,11 @@ async def test_a_store_is_built_alike_whichever_kind(tmp_path: Path) -> None:
         "max_pending": 100,
         "flush_timeout": 1.0,
     }
-    for made in (MemoryStore(**options), SqliteStore(tmp_path / "s.db", **options)):
+    for made in (
+        MemoryStore(**options),
+        SqliteStore(tmp_path / "s.db", **options),
+        RedisStore(redis_server.url, prefix=redis_prefix, **options),
+    ):
         await made.open()
         made.save_session(view("a", "2026-01-01T00:00:00.000Z"))
         await made.flush()

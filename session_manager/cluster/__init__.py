@@ -1,0 +1,1 @@
+"""Several manager processes on one Redis: session leases, adoption of orphans, the bus."""

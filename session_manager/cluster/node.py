@@ -1,0 +1,160 @@
+"""This process as one node of a cluster of managers sharing a Redis (store = "redis").
+
+The node owns its keeper loop: every fifth of `lease_ttl` it renews the leases of the sessions
+this process owns (those another process took are given up at once), and claims the sessions
+whose owner is gone — their leases ran out, or the owner let them go at shutdown — and has them
+adopted here, with the same takeover a restarted single process uses. It also carries commands
+and webhooks between processes (the bus), and says whether a webhook was already acted on by
+another process (LiveKit may post each one to every instance).
+
+If the keeper loop dies it is restarted by `Periodic`; Redis being down shows as StoreUnavailable
+from each call and on the health board through the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from session_manager.cluster.bus import ClusterBus, SessionCommand
+from session_manager.cluster.leases import SessionLeases
+from session_manager.errors import ManagerError
+from session_manager.livekit.webhooks import RoomEvent
+from session_manager.periodic import Periodic
+from session_manager.session.record import JsonDict
+from session_manager.session.states import SessionStatus
+from session_manager.store.base import Store
+from session_manager.takeover import Adoption, SessionTakeOver
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_MEMORY = 600  # seconds a webhook id is remembered across the cluster
+
+
+class ClusterNode:
+    def __init__(
+        self,
+        redis: Redis,
+        store: Store,
+        takeover: SessionTakeOver,
+        *,
+        prefix: str,
+        node_id: str,
+        lease_ttl: float,
+        timeout: float,
+    ) -> None:
+        self._redis = redis
+        self._store = store
+        self._takeover = takeover
+        self._prefix = prefix
+        self.node_id = node_id
+        self.lease_ttl = lease_ttl
+        self._timeout = timeout
+        self.leases = SessionLeases(
+            redis, prefix=prefix, node_id=node_id, ttl=lease_ttl, timeout=timeout
+        )
+        self.bus = ClusterBus(
+            redis,
+            prefix=prefix,
+            node_id=node_id,
+            timeout=timeout,
+            resend_every=lease_ttl,
+            give_up_after=3 * lease_ttl + 2 * timeout,
+        )
+        self._keeper = Periodic("cluster-keeper", self._keep, interval=lease_ttl / 5, jitter=0.1)
+        self.on_lost: Callable[[list[str]], None] = lambda session_ids: None
+        self.on_orphans: Callable[[list[Adoption]], None] = lambda adoptions: None
+
+    async def start(self) -> list[Adoption]:
+        """Listen on the bus and claim the sessions nobody owns (those a previous process left,
+        or this one's before a restart); returns them, to be adopted before serving."""
+        await self.bus.start(self._timeout * 2)
+        adopted = await self._claim_orphans()
+        self._keeper.start()
+        return adopted
+
+    async def aclose(self) -> None:
+        await self._keeper.aclose()
+        await self.bus.aclose()
+
+    async def hand_over(self) -> None:
+        """Shutdown keeping the sessions: let every lease go so other processes adopt them at
+        once (the views were written first)."""
+        try:
+            await self.leases.release_all()
+        except ManagerError as exc:
+            log.warning("leases not released; they run out instead", extra={"error": exc.message})
+
+    # what the supervisor asks ----------------------------------------------------------------
+
+    async def claim_new(self, session_id: str, places: dict[str, int | None]) -> None:
+        await self.leases.claim_new(session_id, places)
+
+    async def session_ended(self, session_id: str, services: list[str]) -> None:
+        await self.leases.release(session_id, ended=True, services=services)
+
+    async def first_sight(self, webhook_id: str) -> bool:
+        """Whether no process of the cluster has taken this webhook yet (and now this one has).
+        With Redis down every process acts on it: a duplicate beats a loss."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                taken = await self._redis.set(
+                    f"{self._prefix}webhook:{webhook_id}", self.node_id, nx=True, ex=WEBHOOK_MEMORY
+                )
+        except (RedisError, OSError, TimeoutError):
+            return True
+        return bool(taken)
+
+    async def share_webhook(self, event: RoomEvent) -> None:
+        await self.bus.share_webhook(event)
+
+    async def ask_owner(self, command: SessionCommand) -> JsonDict:
+        return await self.bus.ask_owner(command)
+
+    async def live_anywhere(self, session_ids: set[str]) -> set[str]:
+        return await self.leases.known(session_ids)
+
+    # the keeper loop -------------------------------------------------------------------------
+
+    async def _keep(self) -> None:
+        try:
+            lost = await self.leases.renew()
+        except ManagerError as exc:
+            log.warning("leases not renewed", extra={"error": exc.message})
+            return
+        if lost:
+            log.warning("sessions taken over by another process", extra={"count": len(lost)})
+            self.on_lost(lost)
+        try:
+            adopted = await self._claim_orphans()
+        except ManagerError as exc:
+            log.warning("sessions without an owner not claimed", extra={"error": exc.message})
+            return
+        if adopted:
+            self.on_orphans(adopted)
+
+    async def _claim_orphans(self) -> list[Adoption]:
+        claimed = await self.leases.claim_orphans()
+        if not claimed:
+            return []
+        views: list[JsonDict] = []
+        for session_id in claimed:
+            view = await self._store.get_session(session_id)
+            if view is None or view["status"] == SessionStatus.TERMINATED.value:
+                await self.leases.forget(session_id)
+            else:
+                views.append(view)
+        outcome = await self._takeover.take_over(views)
+        for session_id in {view["session_id"] for view in views} - {
+            adoption.record.session_id for adoption in outcome.adopted
+        }:
+            await self.leases.forget(session_id)  # ended by the takeover
+        log.info(
+            "sessions without an owner taken over",
+            extra={"adopted": len(outcome.adopted), "ended": outcome.ended},
+        )
+        return outcome.adopted
