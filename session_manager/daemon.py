@@ -33,7 +33,7 @@ from session_manager.livekit.server import ManagedLiveKitServer, find_binary, ne
 from session_manager.livekit.watch import LiveKitWatch
 from session_manager.livekit.webhooks import WebhookVerifier
 from session_manager.registry import Registry
-from session_manager.registry.health import HealthMonitor
+from session_manager.registry.health import HealthMonitor, HealthResults
 from session_manager.session.actor import SessionDeps
 from session_manager.session.record import SessionRecord
 from session_manager.store import MemoryStore, SqliteStore, Store
@@ -355,11 +355,19 @@ class Daemon:
             client,
             interval=settings.health_interval,
             timeout=settings.health_timeout,
-            on_results=self.supervisor.health_checked,
+            on_results=self._health_checked,
             concurrency=settings.health_concurrency,
+            should_check=lambda: self.cluster is None or self.cluster.leads_health_checks,
         )
+        if self.cluster is not None:
+            self.cluster.bus.health_checked = self.supervisor.health_checked
         await self.health.start()
         self._stage("health monitor", self.health.aclose)
+
+    def _health_checked(self, results: HealthResults) -> None:
+        self.supervisor.health_checked(results)
+        if self.cluster is not None:
+            self.cluster.bus.share_health(results)
 
     async def _livekit_endpoint(self) -> LiveKitEndpoint:
         settings = self.settings

@@ -39,6 +39,7 @@ class ScriptedService:
         self.healthy = healthy
         self.join_requests: list[dict[str, Any]] = []
         self.leave_requests: list[dict[str, Any]] = []
+        self.health_checks = 0
         self.endpoint = ""
 
     async def _leave_room(self, request: web.Request) -> web.StreamResponse:
@@ -54,6 +55,7 @@ class ScriptedService:
         )
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
+        self.health_checks += 1
         if not self.healthy:
             return web.json_response({"status": "broken"}, status=500)
         return web.json_response({"status": "healthy"})

@@ -49,6 +49,7 @@ class SessionCommand:
 CommandRunner = Callable[[SessionCommand], "asyncio.Future[JsonDict] | None"]
 WebhookSink = Callable[[RoomEvent], None]
 RegistrySink = Callable[[str, str | None], None]  # service id, its health where it changed
+HealthSink = Callable[[list[tuple[str, str | None]]], None]  # (service id, error) per check
 
 # The errors an owner may answer with, rebuilt by name on the asking side.
 _ERRORS: dict[str, type[ManagerError]] = {
@@ -82,6 +83,7 @@ class ClusterBus:
         self.run_command: CommandRunner = lambda command: None
         self.deliver_webhook: WebhookSink = lambda event: None
         self.registry_changed: RegistrySink = lambda service_id, status: None
+        self.health_checked: HealthSink = lambda results: None
 
     async def start(self, timeout: float) -> None:
         self._listener = asyncio.create_task(self._listen(), name="cluster-bus")
@@ -103,6 +105,20 @@ class ClusterBus:
 
     async def share_webhook(self, event: RoomEvent) -> None:
         await self._publish({"kind": "webhook", "event": _event_fields(event)})
+
+    def share_health(self, results: list[tuple[str, str | None]]) -> None:
+        """The health checks this process made (it leads them): every other process applies
+        the same results. Sent by a task the bus owns; a lost message costs one round."""
+        message = {"kind": "health", "from": self.node_id, "results": results}
+        task = asyncio.create_task(self._send_quietly(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_quietly(self, message: JsonDict) -> None:
+        try:
+            await self._publish(message)
+        except StoreUnavailable as exc:
+            log.warning("cluster message not sent", extra={"error": exc.message})
 
     async def announce_registration(self, service_id: str, status: str | None) -> None:
         """This process changed a registration in the shared store: the others read it."""
@@ -176,6 +192,8 @@ class ClusterBus:
                 self.deliver_webhook(RoomEvent(**message["event"]))
             elif kind == "command" and message["from"] != self.node_id:
                 self._serve(message)
+            elif kind == "health" and message["from"] != self.node_id:
+                self.health_checked([(str(s), e) for s, e in message["results"]])
             elif kind == "registry" and message["from"] != self.node_id:
                 self.registry_changed(message["service_id"], message.get("status"))
             elif kind == "answer" and message["to"] == self.node_id:

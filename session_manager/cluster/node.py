@@ -66,6 +66,7 @@ class ClusterNode:
             give_up_after=3 * lease_ttl + 2 * timeout,
         )
         self._keeper = Periodic("cluster-keeper", self._keep, interval=lease_ttl / 5, jitter=0.1)
+        self.leads_health_checks = False  # this process makes the cluster's health checks
         self.on_lost: Callable[[list[str]], None] = lambda session_ids: None
         self.on_orphans: Callable[[list[Adoption]], None] = lambda adoptions: None
 
@@ -73,6 +74,7 @@ class ClusterNode:
         """Listen on the bus and claim the sessions nobody owns (those a previous process left,
         or this one's before a restart); returns them, to be adopted before serving."""
         await self.bus.start(self._timeout * 2)
+        await self._lead_health_checks()
         adopted = await self._claim_orphans()
         self._keeper.start()
         return adopted
@@ -121,6 +123,7 @@ class ClusterNode:
     # the keeper loop -------------------------------------------------------------------------
 
     async def _keep(self) -> None:
+        await self._lead_health_checks()
         try:
             lost = await self.leases.renew()
         except ManagerError as exc:
@@ -136,6 +139,25 @@ class ClusterNode:
             return
         if adopted:
             self.on_orphans(adopted)
+
+    async def _lead_health_checks(self) -> None:
+        """One process leads the health checks: it holds a lease it renews; when it dies,
+        another takes the lease within `lease_ttl`."""
+        key, ttl_ms = f"{self._prefix}leader:health", max(1, int(self.lease_ttl * 1000))
+        try:
+            async with asyncio.timeout(self._timeout):
+                if await self._redis.set(key, self.node_id, nx=True, px=ttl_ms):
+                    leads = True
+                else:
+                    holder = await self._redis.get(key)
+                    leads = holder in (self.node_id, self.node_id.encode())
+                    if leads:
+                        await self._redis.pexpire(key, ttl_ms)
+        except (RedisError, OSError, TimeoutError):
+            leads = False  # nobody can tell; the checks resume with Redis
+        if leads != self.leads_health_checks:
+            log.info("health checks led here" if leads else "health checks led elsewhere")
+        self.leads_health_checks = leads
 
     async def _claim_orphans(self) -> list[Adoption]:
         claimed = await self.leases.claim_orphans()

@@ -34,6 +34,7 @@ class HealthMonitor:
         timeout: float,
         on_results: Callable[[HealthResults], None],
         concurrency: int = 64,
+        should_check: Callable[[], bool] = lambda: True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -42,6 +43,9 @@ class HealthMonitor:
         self._timeout = timeout
         self._slots = asyncio.Semaphore(concurrency)
         self._on_results = on_results
+        # Several managers on one Redis: only the one that leads the checks makes them, and
+        # shares the results (each instance is checked once per interval across the cluster).
+        self._should_check = should_check
         self._rounds = Periodic(
             "health-monitor", self.check_all, interval=interval, jitter=JITTER, run_at_once=True
         )
@@ -54,7 +58,7 @@ class HealthMonitor:
 
     async def check_all(self) -> None:
         services = [(r.service_id, r.endpoint) for r in self._registry.all()]
-        if not services:
+        if not services or not self._should_check():
             return
         errors = await asyncio.gather(
             *(self._check(service_id, endpoint) for service_id, endpoint in services)

@@ -149,3 +149,28 @@ async def test_an_instance_capacity_holds_across_processes(start_member: Any) ->
         statuses = sorted(response.status for response in answers)
         assert statuses.count(200) == 1, statuses
         assert set(statuses) == {200, 503}
+
+
+async def test_each_instance_is_checked_once_per_interval_across_the_cluster(
+    start_member: Any,
+) -> None:
+    """One process leads the health checks and shares what it finds; when it turns an
+    instance Unhealthy, every process sees it so."""
+    a, b = await start_member(health_interval=0.2), await start_member(health_interval=0.2)
+    async with ScriptedService(accept_without_joining).running() as service:
+        await register(a, "checked", service.endpoint, type="CHECKED")
+        await eventually(lambda: service.health_checks >= 3)
+        first, started = service.health_checks, asyncio.get_running_loop().time()
+        await asyncio.sleep(2.0)
+        rounds = (asyncio.get_running_loop().time() - started) / 0.2
+        # One process checking: about one call a round (jitter ±10%), never two processes' worth.
+        assert service.health_checks - first <= rounds * 1.3, (service.health_checks, rounds)
+
+        service.healthy = False
+        for client in (a, b):
+            for _ in range(100):
+                view = await json_of(await client.get("/api/v1/microservices/checked"))
+                if view["status"] == "Unhealthy":
+                    break
+                await asyncio.sleep(0.05)
+            assert view["status"] == "Unhealthy"
