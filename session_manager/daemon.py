@@ -151,7 +151,23 @@ class Daemon:
 
     async def _start_events(self) -> None:
         settings = self.settings
-        self.events = EventLog(settings.event_history)
+        feed = None
+        if settings.store == "redis":
+            # Every manager on that Redis shares one stream of events (ids, SSE resumes, and
+            # each outbound webhook sent by one of them): see events.redis_feed.
+            from session_manager.events.redis_feed import RedisEventFeed
+
+            feed = RedisEventFeed(
+                settings.redis_url,
+                node_id=self.node_id,
+                prefix=settings.redis_prefix,
+                history=settings.event_history,
+                timeout=settings.redis_timeout,
+                board=self.board,
+                on_fatal=lambda reason: self.fail(STORE, reason),
+                start_timeout=settings.store_flush_timeout,
+            )
+        self.events = EventLog(settings.event_history, sink=feed)
         self.outbound_webhooks = OutboundWebhooks(
             [WebhookTarget.parse(spec) for spec in settings.webhooks],
             settings.webhook_secret.get_secret_value() if settings.webhook_secret else "",
@@ -170,7 +186,15 @@ class Daemon:
         self._stage(
             "outbound webhooks", lambda: self.outbound_webhooks.aclose(settings.shutdown_timeout)
         )
-        self.events.add_listener(self.outbound_webhooks.offer)
+        if feed is None:
+            self.events.add_listener(self.outbound_webhooks.offer)
+            return
+        if self.outbound_webhooks.targets:
+            feed.outbound(self.outbound_webhooks.offer)
+        await feed.start(self.events)
+        # Registered after the webhooks, so it closes before them (what it still takes from
+        # Redis at close is delivered) and after the sessions (their last events are written).
+        self._stage("event feed", lambda: feed.aclose(settings.shutdown_timeout))
 
     async def _start_retention(self) -> None:
         sweeper = RetentionSweeper(
@@ -311,6 +335,7 @@ class Daemon:
             node_id=self.node_id,
             lease_ttl=settings.lease_ttl,
             timeout=settings.redis_timeout,
+            board=self.board,
         )
         try:
             self._cluster_adopted = await cluster.start()

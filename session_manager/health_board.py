@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 SUPERVISOR = "supervisor"
 STORE = "store"
 LIVEKIT = "livekit"
-COMPONENTS = (SUPERVISOR, STORE, LIVEKIT)
+CLUSTER = "cluster"  # store = redis: the Redis the managers share their sessions' leases on
+COMPONENTS = (SUPERVISOR, STORE, LIVEKIT, CLUSTER)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ from session_manager.errors import (
     Unhealthy,
 )
 from session_manager.events import EventLog, EventType
-from session_manager.health_board import LIVEKIT, STORE, SUPERVISOR, HealthBoard
+from session_manager.health_board import CLUSTER, LIVEKIT, STORE, SUPERVISOR, HealthBoard
 from session_manager.livekit.webhooks import RoomEvent
 from session_manager.periodic import Periodic
 from session_manager.registry import Registry, ServiceRecord
@@ -688,7 +688,7 @@ class Supervisor:
         livekit = self._board.problem(LIVEKIT)
         if livekit is not None:
             raise LiveKitUnavailable(f"LiveKit is unavailable: {livekit.reason}")
-        store = self._board.problem(STORE)
+        store = self._board.problem(STORE) or self._board.problem(CLUSTER)
         if store is not None:
             raise StoreUnavailable(f"sessions cannot be stored now: {store.reason}")
         self._store.check_capacity()

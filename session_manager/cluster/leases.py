@@ -94,6 +94,9 @@ class SessionLeases:
         self._claim_new = redis.register_script(CLAIM_NEW)
         self._release = redis.register_script(RELEASE)
         self.owned: set[str] = set()  # the sessions this process holds a lease on
+        # Sessions seen without a lease at the last look: claimed only if still without one
+        # at the next, so an owner that was cut off from Redis for a moment renews first.
+        self._unleased: set[str] = set()
 
     def _lease(self, session_id: str) -> str:
         return f"{self._prefix}lease:{session_id}"
@@ -155,8 +158,9 @@ class SessionLeases:
         self.owned.difference_update(lost)
         return lost
 
-    async def claim_orphans(self) -> list[str]:
-        """Claim the sessions nobody holds a lease on (their owner died, or let them go)."""
+    async def claim_orphans(self, *, at_once: bool = False) -> list[str]:
+        """Claim the sessions nobody holds a lease on (their owner died, or let them go) at
+        this look and the one before (`at_once`: at this one; a process alone at start-up)."""
         members = await self._bounded("list live sessions", self._redis.smembers(self._live))
         candidates = sorted(
             session_id for member in members if (session_id := _text(member)) not in self.owned
@@ -166,10 +170,11 @@ class SessionLeases:
         holders = await self._bounded(
             "read leases", self._redis.mget([self._lease(s) for s in candidates])
         )
+        unleased = {s for s, holder in zip(candidates, holders, strict=True) if holder is None}
+        ripe = unleased if at_once else unleased & self._unleased
+        self._unleased = unleased - ripe
         won: list[str] = []
-        for session_id, holder in zip(candidates, holders, strict=True):
-            if holder is not None:
-                continue
+        for session_id in sorted(ripe):
             claimed = await self._bounded(
                 "claim a session",
                 self._redis.set(self._lease(session_id), self.node_id, nx=True, px=self._ttl_ms),

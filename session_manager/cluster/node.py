@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from session_manager.cluster.bus import ClusterBus, SessionCommand
 from session_manager.cluster.leases import SessionLeases
 from session_manager.errors import ManagerError
+from session_manager.health_board import CLUSTER, HealthBoard
 from session_manager.livekit.webhooks import RoomEvent
 from session_manager.periodic import Periodic
 from session_manager.session.record import JsonDict
@@ -46,7 +47,9 @@ class ClusterNode:
         node_id: str,
         lease_ttl: float,
         timeout: float,
+        board: HealthBoard | None = None,
     ) -> None:
+        self._board = board or HealthBoard()
         self._redis = redis
         self._store = store
         self._takeover = takeover
@@ -75,7 +78,7 @@ class ClusterNode:
         or this one's before a restart); returns them, to be adopted before serving."""
         await self.bus.start(self._timeout * 2)
         await self._lead_health_checks()
-        adopted = await self._claim_orphans()
+        adopted = await self._claim_orphans(at_once=True)
         self._keeper.start()
         return adopted
 
@@ -127,8 +130,11 @@ class ClusterNode:
         try:
             lost = await self.leases.renew()
         except ManagerError as exc:
-            log.warning("leases not renewed", extra={"error": exc.message})
+            # New sessions are refused meanwhile (they could not be owned); the running ones
+            # go on here, and their leases are taken again when Redis answers.
+            self._board.down(CLUSTER, f"leases cannot be renewed: {exc.message}")
             return
+        self._board.up(CLUSTER)
         if lost:
             log.warning("sessions taken over by another process", extra={"count": len(lost)})
             self.on_lost(lost)
@@ -159,8 +165,8 @@ class ClusterNode:
             log.info("health checks led here" if leads else "health checks led elsewhere")
         self.leads_health_checks = leads
 
-    async def _claim_orphans(self) -> list[Adoption]:
-        claimed = await self.leases.claim_orphans()
+    async def _claim_orphans(self, *, at_once: bool = False) -> list[Adoption]:
+        claimed = await self.leases.claim_orphans(at_once=at_once)
         if not claimed:
             return []
         views: list[JsonDict] = []

@@ -174,3 +174,41 @@ async def test_each_instance_is_checked_once_per_interval_across_the_cluster(
                     break
                 await asyncio.sleep(0.05)
             assert view["status"] == "Unhealthy"
+
+
+async def test_a_redis_outage_refuses_writes_then_heals(
+    start_member: Any, redis_server: RedisUnderTest
+) -> None:
+    """While Redis is down: creates get the 503 envelope, /health says why, the sessions that
+    run go on; when it is back, everything works again by itself, each session still owned by
+    the process that had it."""
+    a, b = await start_member(), await start_member()
+    body = {"user_identity": "u", "required_services": []}
+    running = await json_of(await a.post("/api/v1/create-session", json=body))
+
+    redis_server.stop()
+    try:
+        for client in (a, b):
+            for _ in range(100):
+                health = await client.get("/health")
+                if health.status == 503:
+                    break
+                await asyncio.sleep(0.1)
+            assert health.status == 503
+            refused = await client.post("/api/v1/create-session", json=body)
+            assert refused.status == 503
+            envelope = await refused.json()
+            assert set(envelope) == {"error", "message", "timestamp"}
+    finally:
+        redis_server.start()
+
+    for client in (a, b):
+        for _ in range(100):
+            if (await client.get("/health")).status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert (await client.get("/health")).status == 200
+        await json_of(await client.post("/api/v1/create-session", json=body))
+    # The session that ran through the outage is still A's, and still works from B.
+    ended = await json_of(await b.delete(f"/api/v1/sessions/{running['session_id']}"))
+    assert ended["status"] == "Terminated"
