@@ -72,7 +72,7 @@ def render(daemon: Daemon) -> str:
         "session_manager_events_total",
         "counter",
         "Events recorded since start.",
-        [({}, events.last_id - events.first_id + 1)],
+        [({}, events.recorded)],
     )
     deliveries: list[Sample] = []
     queued: list[Sample] = []

@@ -16,12 +16,22 @@ One writer, many readers, nobody waits on anybody:
 - `OutboundWebhooks.offer` (an `EventLog` listener) queues each event for every webhook target
   that wants it; workers POST them signed (`signing`: Standard Webhooks), in order per session,
   retrying with back-off, from a bounded queue.
+- Several managers on one Redis: `redis_feed.RedisEventFeed` is the log's `EventSink`. Every
+  process's events go through one Redis stream and come back to every log (`EventLog.ingest`)
+  with the same global ids; each event is offered to the outbound webhooks of one process.
+  (Not imported here: only a manager configured for Redis loads its client.)
 
 No credential leaves in an event: `data` keys naming a token, secret, password or authorization
 are removed when the event is made.
 """
 
-from session_manager.events.log import DEFAULT_HISTORY, EventListener, EventLog, EventPage
+from session_manager.events.log import (
+    DEFAULT_HISTORY,
+    EventListener,
+    EventLog,
+    EventPage,
+    EventSink,
+)
 from session_manager.events.model import (
     EVENT_TYPE_NAMES,
     Event,
@@ -71,6 +81,7 @@ __all__ = [
     "EventLog",
     "EventPage",
     "EventRoutes",
+    "EventSink",
     "EventType",
     "MissedEvents",
     "MissedReason",

@@ -11,6 +11,11 @@ one synthetic `EventsDropped` event and goes on from the oldest event still kept
 Ids are consecutive within one process. By default the first id is the wall clock in
 microseconds, so ids keep increasing across restarts and a Last-Event-ID from an earlier process
 is recognised as unknown (and reported as a gap) instead of silently skipping new events.
+
+A log given a `sink` is one replica of a stream shared by several processes (`redis_feed`):
+`append` hands the event to the sink instead of recording it, and the stream's events, every
+process's, come back through `ingest` with ids the stream gave them, increasing but not
+consecutive. Readers see no difference, and an id from one replica means the same on another.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from session_manager.clock import now_rfc3339
 from session_manager.events.model import (
@@ -36,6 +42,19 @@ log = logging.getLogger(__name__)
 DEFAULT_HISTORY = 10_000
 
 EventListener = Callable[[Event], None]
+
+
+class EventSink(Protocol):
+    """Where a log that replicates a shared stream sends the events it is asked to record; they
+    come back, every process's, with their ids, through `EventLog.ingest`."""
+
+    def publish(self, event: Event) -> None:
+        """Take an event to record (its id is 0). Synchronous; never blocks nor raises."""
+
+    def id_horizon(self) -> int:
+        """The highest id an event may have been given by now, in any process: a reader
+        resuming from an id above this log's newest but not above this one (another replica
+        had it first) waits for the events after it instead of being told it is unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +87,28 @@ def _normalise_types(types: Iterable[str] | None) -> frozenset[str] | None:
 
 
 class EventLog:
-    def __init__(self, history: int = DEFAULT_HISTORY, *, first_id: int | None = None) -> None:
+    def __init__(
+        self,
+        history: int = DEFAULT_HISTORY,
+        *,
+        first_id: int | None = None,
+        sink: EventSink | None = None,
+    ) -> None:
         if history < 1:
             raise ValueError("history must keep at least one event")
         self._capacity = history
+        # The ring: the event recorded n-th (from 0) is in slot n % history.
         self._slots: list[Event | None] = [None] * history
+        self._recorded = 0
         self._first_id = _clock_first_id() if first_id is None else first_id
         if self._first_id < 1:
             raise ValueError("first_id must be positive")
-        self._next_id = self._first_id
+        self._last_id = self._first_id - 1
+        self._lost_through = self._first_id - 1  # the newest id not (or no longer) kept
+        # With a sink: the end of the newest stretch of ids the stream lost before this log
+        # read them (`skip_to`); any session may have had events in it.
+        self._gap_through = 0
+        self._sink = sink
         self._sessions: dict[str, _SessionEvents] = {}
         # Sessions none of whose events are kept any more, with their newest evicted id; at
         # most `history` of them, the oldest forgotten first (their ids are <= the floor).
@@ -100,13 +132,22 @@ class EventLog:
 
     @property
     def last_id(self) -> int:
-        """The id of the newest event; `first_id - 1` before the first one."""
-        return self._next_id - 1
+        """The id of the newest event; `first_id - 1` before the first one (with a sink: the
+        end of what this log skipped, when that is newer)."""
+        return self._last_id
 
     @property
     def oldest_id(self) -> int:
         """The id of the oldest event still kept; `last_id + 1` when none is."""
-        return max(self._first_id, self._next_id - self._capacity)
+        kept = min(self._recorded, self._capacity)
+        if not kept:
+            return self._last_id + 1
+        return self._id_at(self._recorded - kept)
+
+    @property
+    def recorded(self) -> int:
+        """How many events this log has recorded since it was made (appended or ingested)."""
+        return self._recorded
 
     @property
     def subscriber_count(self) -> int:
@@ -131,30 +172,72 @@ class EventLog:
         Its cost does not depend on the history or on how far behind readers are: a slot in
         the ring, an index entry, one flag per subscriber of that session (or unfiltered) that
         was waiting (about a microsecond each), and each listener (webhooks: one queue append
-        per target)."""
+        per target).
+
+        With a sink, the event (credentials removed, its time set) goes to the sink and is
+        returned with id 0: it reaches the history, its readers and the listeners when the
+        stream gives it back to `ingest`, with its id."""
         event = Event(
-            id=self._next_id,
+            id=0 if self._sink is not None else self._last_id + 1,
             type=type,
             timestamp=now_rfc3339(),
             session_id=session_id,
             service_id=service_id,
             data=data if data is not None else {},
         )
-        self._next_id += 1
-        slot = event.id % self._capacity
+        if self._sink is not None:
+            try:
+                self._sink.publish(event)
+            except Exception:
+                log.exception("event sink failed", extra={"event_type": event.type})
+            return event
+        self._record(event)
+        return event
+
+    def ingest(self, event: Event) -> bool:
+        """Record an event that has its id already, given by the stream this log replicates:
+        kept, indexed, its readers woken and the listeners called, as `append` does. Ids must
+        increase: one not above `last_id` is refused (False) and logged."""
+        if event.id <= self._last_id:
+            log.warning(
+                "event out of order refused",
+                extra={"event_id": event.id, "last_id": self._last_id},
+            )
+            return False
+        self._record(event)
+        return True
+
+    def skip_to(self, through_id: int) -> None:
+        """Ids up to `through_id` will never be recorded here (a replica: they are older than
+        the stream it reads, or the stream lost them before it read them). Before the first
+        event this is where the log starts: a reader resuming from an older id is told it is
+        unknown. After, a reader whose cursor is before it is told it missed events up to it."""
+        if through_id <= self._last_id:
+            return
+        if self._recorded:
+            self._gap_through = through_id
+        else:
+            self._first_id = through_id + 1
+        self._lost_through = self._last_id = through_id
+        for subscription in self._subscriptions():
+            subscription.wake()
+
+    def _record(self, event: Event) -> None:
+        self._last_id = event.id
+        slot = self._recorded % self._capacity
+        self._recorded += 1
         evicted = self._slots[slot]
         if evicted is not None:
             self._evict(evicted)
         self._slots[slot] = event
-        if session_id is not None:
-            self._index(session_id, event)
+        if event.session_id is not None:
+            self._index(event.session_id, event)
         self._wake(event)
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception:
                 log.exception("event listener failed", extra={"event_id": event.id})
-        return event
 
     def add_listener(self, listener: EventListener) -> None:
         """Call `listener(event)` synchronously for every new event. It must not block."""
@@ -172,6 +255,7 @@ class EventLog:
         entry.events.append(event)
 
     def _evict(self, event: Event) -> None:
+        self._lost_through = max(self._lost_through, event.id)  # a gap may be newer
         session_id = event.session_id
         if session_id is None:
             return
@@ -224,19 +308,21 @@ class EventLog:
         if limit is not None and limit < 1:
             raise ValueError("limit must be at least 1")
         newest = self.last_id
+        if self._sink is not None:
+            newest = max(newest, self._sink.id_horizon())
         oldest = self.oldest_id
         known = after_id <= 0 or self._first_id - 1 <= after_id <= newest
         start_after = max(after_id, self._first_id - 1) if known else oldest - 1
         if session_id is None:
-            lost_through = oldest - 1
+            lost_through = self._lost_through
         else:
-            lost_through = self._session_evicted_through(session_id)
+            lost_through = max(self._session_evicted_through(session_id), self._gap_through)
         missed: MissedEvents | None = None
         if not known:
             missed = MissedEvents(None, oldest - 1, MissedReason.UNKNOWN_LAST_EVENT_ID)
         elif lost_through > start_after:
             missed = MissedEvents(start_after + 1, lost_through, MissedReason.HISTORY_EXCEEDED)
-        start_after = max(start_after, oldest - 1)
+        start_after = max(start_after, oldest - 1, self._gap_through)
         if session_id is None:
             events, looked_through = self._scan_all(start_after, types, limit)
         else:
@@ -255,15 +341,43 @@ class EventLog:
     ) -> tuple[list[Event], int]:
         events: list[Event] = []
         looked_through = after_id
-        for event_id in range(after_id + 1, self._next_id):
-            event = self._slots[event_id % self._capacity]
-            assert event is not None and event.id == event_id
-            looked_through = event_id
+        for position in range(self._position_after(after_id), self._recorded):
+            event = self._slots[position % self._capacity]
+            assert event is not None
+            looked_through = event.id
             if types is None or event.type in types:
                 events.append(event)
                 if limit is not None and len(events) >= limit:
                     break
         return events, looked_through
+
+    def _id_at(self, position: int) -> int:
+        event = self._slots[position % self._capacity]
+        assert event is not None
+        return event.id
+
+    def _position_after(self, after_id: int) -> int:
+        """The position of the oldest kept event whose id is above `after_id` (the end when
+        none is): computed when the kept ids are consecutive, else a binary search."""
+        end = self._recorded
+        start = max(0, end - self._capacity)
+        if start == end:
+            return end
+        oldest, newest = self._id_at(start), self._id_at(end - 1)
+        if after_id < oldest:
+            return start
+        if after_id >= newest:
+            return end
+        if newest - oldest == end - 1 - start:
+            return start + (after_id - oldest) + 1
+        below, above = start, end - 1  # id at `below` <= after_id < id at `above`
+        while above - below > 1:
+            middle = (below + above) // 2
+            if self._id_at(middle) <= after_id:
+                below = middle
+            else:
+                above = middle
+        return above
 
     def _scan_session(
         self, session_id: str, after_id: int, types: frozenset[str] | None, limit: int | None
@@ -316,12 +430,15 @@ class EventLog:
             if not subscribers:
                 del self._by_session[session_id]
 
+    def _subscriptions(self) -> list[Subscription]:
+        subscriptions = list(self._unfiltered)
+        for subscribers in self._by_session.values():
+            subscriptions.extend(subscribers)
+        return subscriptions
+
     def close(self) -> None:
         """End every subscription (their streams finish) and refuse new ones. `append` still
         works: sessions ending during shutdown are still recorded and sent to webhooks."""
         self._closed = True
-        subscriptions = list(self._unfiltered)
-        for subscribers in self._by_session.values():
-            subscriptions.extend(subscribers)
-        for subscription in subscriptions:
+        for subscription in self._subscriptions():
             subscription.close()
