@@ -50,7 +50,7 @@ from session_manager.commands import (
     UpdateService,
 )
 from session_manager.daemon import WEBHOOK_PATH, Daemon
-from session_manager.errors import InvalidRequest
+from session_manager.errors import InvalidRequest, ManagerError
 from session_manager.livekit.webhooks import RELEVANT_KINDS, WebhookRejected, webhook_kind
 from session_manager.logs import TRACE
 from session_manager.session.messages import CreateOptions, SessionCreated
@@ -219,6 +219,7 @@ async def create_session(request: web.Request) -> web.Response:
     created: SessionCreated = await _supervisor(request).ask(
         lambda reply: CreateSession(spec, reply, key, body_hash)
     )
+    await _stored_before_answered(request, created)
     return json_response(
         CreateSessionResponse(
             session_id=created.session_id,
@@ -228,6 +229,22 @@ async def create_session(request: web.Request) -> web.Response:
             status=created.status,
         )
     )
+
+
+async def _stored_before_answered(request: web.Request, created: SessionCreated) -> None:
+    """Wait until the session's view as answered (no longer Creating) is written. The actor
+    publishes it right after it settles the creator's reply, so a flush now covers it; without
+    this a kill just after the answer leaves the session stored as Creating, and the next
+    process ends it as never answered and deletes the room its user holds a token for. A store
+    that cannot write now does not hold the answer back: the session runs in this process."""
+    daemon = request.app[DAEMON]
+    try:
+        await daemon.store.flush(daemon.settings.store_flush_timeout)
+    except ManagerError as exc:
+        log.warning(
+            "created session answered before its view could be written",
+            extra={"session_id": created.session_id, "error": exc.message},
+        )
 
 
 @routes.get("/api/v1/sessions")

@@ -33,6 +33,7 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
@@ -182,6 +183,7 @@ class RedisStore:
         self._pending: dict[str, JsonDict] = {}
         self._writing: dict[str, JsonDict] = {}  # the batch on its way to Redis, still readable
         self._wakeup = asyncio.Event()
+        self._hurry = asyncio.Event()  # someone waits in flush(): write without the batch window
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         # flush(): every save bumps `_queued`; the writer publishes `_written` after each batch
@@ -472,6 +474,7 @@ class RedisStore:
             raise StoreUnavailable("the store is not open")
         done = asyncio.get_running_loop().create_future()
         self._flush_waiters.append((target, done))
+        self._hurry.set()
         try:
             await asyncio.wait_for(done, limit)
         except TimeoutError:
@@ -568,8 +571,12 @@ class RedisStore:
         while True:
             await self._wakeup.wait()
             if not self._closing and not self._failing:
-                # Let a burst gather: one round trip for many sessions instead of one each.
-                await asyncio.sleep(BATCH_WINDOW)
+                # Let a burst gather: one round trip for many sessions instead of one each
+                # (unless a flush is waiting: a create is answered only once it is written).
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(BATCH_WINDOW):
+                        await self._hurry.wait()
+            self._hurry.clear()
             self._wakeup.clear()
             covered = self._queued
             batch, self._pending = self._pending, {}

@@ -28,6 +28,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,6 +104,7 @@ class SqliteStore:
         self._pending: dict[str, JsonDict] = {}
         self._writing: dict[str, JsonDict] = {}  # the batch on its way to disk, still readable
         self._wakeup = asyncio.Event()
+        self._hurry = asyncio.Event()  # someone waits in flush(): write without the batch window
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         # flush(): every save bumps `_queued`; the writer publishes `_written` after each batch
@@ -374,6 +376,7 @@ class SqliteStore:
             raise StoreUnavailable("the store is not open")
         done = asyncio.get_running_loop().create_future()
         self._flush_waiters.append((target, done))
+        self._hurry.set()
         try:
             await asyncio.wait_for(done, limit)
         except TimeoutError:
@@ -467,8 +470,12 @@ class SqliteStore:
         while True:
             await self._wakeup.wait()
             if not self._closing and not self._failing:
-                # Let a burst gather: one commit for many sessions instead of one each.
-                await asyncio.sleep(BATCH_WINDOW)
+                # Let a burst gather: one commit for many sessions instead of one each
+                # (unless a flush is waiting: a create is answered only once it is written).
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(BATCH_WINDOW):
+                        await self._hurry.wait()
+            self._hurry.clear()
             self._wakeup.clear()
             covered = self._queued
             batch, self._pending = self._pending, {}

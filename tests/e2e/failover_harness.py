@@ -10,7 +10,7 @@ import asyncio
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +56,13 @@ def manager_flags(port: int, **settings: float | int | str) -> list[str]:
         "shutdown_timeout": 5,
         **settings,
     }
+    return settings_flags(flags)
+
+
+def settings_flags(settings: Mapping[str, object]) -> list[str]:
+    """Settings (snake_case names) as the manager's `--flag value` pairs."""
     argv: list[str] = []
-    for name, value in flags.items():
+    for name, value in settings.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     return argv
 

@@ -1,6 +1,7 @@
 """The processes of the end-to-end tests: children started with their output in files and
 stopped in reverse order, the real `session-manager` among them, waited for on /health, that
-must exit 0 and leave no livekit-server behind.
+must exit 0 (unless the test SIGKILLed it) and leave no livekit-server behind. Successive
+managers on one port and one store (a restart) come from `session_manager_processes`.
 
 Nothing a test starts may outlive it: every child gets a parent-death signal (the kernel kills
 it when the test process dies, however it dies), every child is stopped when the test ends,
@@ -199,6 +200,7 @@ class ManagerChild:
     children: Children
     child: ChildProcess
     livekit_pids: set[int] = field(default_factory=set)
+    killed: bool = False  # SIGKILLed by the test: its exit status is -SIGKILL, not 0
 
     async def wait_for_health(
         self,
@@ -237,10 +239,23 @@ class ManagerChild:
         kill_leftovers(left)
         return left
 
+    async def kill(self) -> None:
+        """SIGKILL the manager, as a crash would, and wait until it is gone."""
+        self.livekit_pids |= livekit_children(self.child.pid)
+        self.killed = True
+        self.child.process.kill()
+        await self.child.process.wait()
+
     def check_stopped_cleanly(self, left: set[int]) -> None:
-        assert self.child.process.returncode == 0, (
-            f"session-manager exited with {self.child.process.returncode}"
-        )
+        """Exit status 0, or -SIGKILL for a manager the test killed (any other status means it
+        ended by itself before), and no livekit-server left running."""
+        returncode = self.child.process.returncode
+        if self.killed:
+            assert returncode == -signal.SIGKILL, (
+                f"session-manager exited with {returncode} before the test killed it"
+            )
+        else:
+            assert returncode == 0, f"session-manager exited with {returncode}"
         assert not left, f"livekit-server processes left running after the manager: {left}"
 
 
@@ -280,4 +295,92 @@ async def stop_everything(manager: ManagerChild) -> set[int]:
         await manager.children.stop_all()
     finally:
         left = manager.kill_leftover_livekit()
+    return left
+
+
+# --------------------------------------------------------------- successive session-managers
+
+
+@dataclass
+class ManagerProcesses:
+    """Session-managers run one after another with the same command, so on the same port and
+    the same store: a restart, or a crash and a restart. The children a test starts beside them
+    (services) are in the same `children`."""
+
+    children: Children
+    command: list[str]
+    cwd: Path
+    managers: list[ManagerChild] = field(default_factory=list)
+
+    @property
+    def current(self) -> ManagerChild:
+        if not self.managers:
+            raise RuntimeError("no session-manager started yet")
+        return self.managers[-1]
+
+    async def start(self) -> ManagerChild:
+        """The next manager (log: session-manager-N.log); the previous one must be gone."""
+        if self.managers and self.current.child.running:
+            raise RuntimeError("the previous session-manager is still running")
+        name = f"session-manager-{len(self.managers) + 1}"
+        manager = ManagerChild(
+            self.children, await self.children.start(name, self.command, self.cwd)
+        )
+        self.managers.append(manager)
+        return manager
+
+    async def stop(self) -> None:
+        """SIGTERM the running manager: it must exit 0 and leave no livekit-server."""
+        manager = self.current
+        manager.livekit_pids |= livekit_children(manager.child.pid)
+        await stop_process(manager.child)
+        manager.check_stopped_cleanly(manager.kill_leftover_livekit())
+
+    async def kill(self) -> None:
+        """SIGKILL the running manager, as a crash would."""
+        await self.current.kill()
+
+
+@asynccontextmanager
+async def session_manager_processes(
+    tmp_path: Path, command: list[str]
+) -> AsyncIterator[ManagerProcesses]:
+    """Like `session_manager_child`, for a test that runs several managers one after another
+    (`start`, `stop`, `kill`), all with `command` in tmp_path/manager-cwd.
+
+    On the way out, passed or failed, every child is stopped (last started first) and any
+    livekit-server a manager left running is killed. Then, if the test passed, each manager must
+    have exited 0 (-SIGKILL for those the test killed) and left no livekit-server. On any
+    failure every child's log tail is printed."""
+    cwd = tmp_path / "manager-cwd"
+    cwd.mkdir()
+    processes = ManagerProcesses(Children(tmp_path), command, cwd)
+    try:
+        try:
+            yield processes
+        except BaseException as error:
+            left = await stop_managers(processes)
+            if any(left.values()):
+                error.add_note(f"livekit-server processes left running after the managers: {left}")
+            raise
+        left = await stop_managers(processes)
+        for manager in processes.managers:
+            manager.check_stopped_cleanly(left[manager.child.name])
+    except BaseException:
+        processes.children.print_log_tails()
+        raise
+
+
+async def stop_managers(processes: ManagerProcesses) -> dict[str, set[int]]:
+    """Stop every child (last started first), then kill any livekit-server a manager left
+    running, even when stopping was interrupted; returns, by manager, the pids of those."""
+    for manager in processes.managers:
+        if manager.child.running:
+            manager.livekit_pids |= livekit_children(manager.child.pid)
+    try:
+        await processes.children.stop_all()
+    finally:
+        left = {
+            manager.child.name: manager.kill_leftover_livekit() for manager in processes.managers
+        }
     return left
