@@ -34,7 +34,7 @@ from session_manager.livekit.watch import LiveKitWatch
 from session_manager.livekit.webhooks import WebhookVerifier
 from session_manager.registry import Registry
 from session_manager.registry.health import HealthMonitor, HealthResults
-from session_manager.session.actor import SessionDeps
+from session_manager.session.deps import SessionDeps
 from session_manager.session.record import SessionRecord
 from session_manager.store import MemoryStore, SqliteStore, Store
 from session_manager.store.retention import RetentionSweeper

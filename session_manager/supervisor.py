@@ -82,8 +82,8 @@ from session_manager.periodic import Periodic
 from session_manager.registry import Registry, ServiceRecord
 from session_manager.registry.health import HealthResults
 from session_manager.registry.registry import ServiceStatus
-from session_manager.session.actor import (
-    SessionActor,
+from session_manager.session.actor import SessionActor
+from session_manager.session.deps import (
     SessionDeps,
     created_by,
     mint_client_token,

@@ -31,7 +31,7 @@ from session_manager.errors import ManagerError
 from session_manager.events import EventLog, EventType
 from session_manager.livekit.gateway import LiveKitGateway
 from session_manager.livekit.webhooks import RoomEvent
-from session_manager.session.actor import created_by
+from session_manager.session.deps import created_by
 from session_manager.session.record import JsonDict, SessionRecord
 from session_manager.session.states import RUNNING, SessionStatus
 from session_manager.store.base import SessionCursor, Store

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-import orjson
-
 from session_manager.clock import utc_now
-from session_manager.dispatch import JoinRoomRequest, MicroserviceClient
+from session_manager.dispatch import JoinRoomRequest
 from session_manager.errors import (
     Conflict,
     ManagerError,
@@ -32,8 +30,7 @@ from session_manager.errors import (
     ShuttingDown,
     Timeout,
 )
-from session_manager.events import EventLog, EventType
-from session_manager.livekit.gateway import LiveKitGateway
+from session_manager.events import EventType
 from session_manager.livekit.webhooks import (
     ROLE_ATTRIBUTE,
     ROLE_CLIENT,
@@ -42,7 +39,14 @@ from session_manager.livekit.webhooks import (
     RoomEvent,
 )
 from session_manager.logs import TRACE
-from session_manager.registry import Registry, ServiceRecord
+from session_manager.registry import ServiceRecord
+from session_manager.session.deps import (
+    SessionDeps,
+    duration_limit,
+    mint_client_token,
+    room_metadata,
+    token_ttl,
+)
 from session_manager.session.messages import (
     AddService,
     Adopt,
@@ -79,8 +83,6 @@ log = logging.getLogger(__name__)
 
 S = SessionStatus
 JOIN_TIMEOUT_MESSAGE = "Timeout waiting for microservices to join"
-# A token must outlive the session it is for; this margin covers joining late and reconnecting.
-TOKEN_MARGIN = timedelta(minutes=10)
 # The timers a session's view stores the deadlines of (by these names), so that a restarted
 # manager adopting the session fires them when they were due. WaitDeadlinePassed is not among
 # them: it only matters to a creator still waiting on the process that ended.
@@ -92,94 +94,6 @@ STORED_TIMERS: dict[type, str] = {
 }
 TIMER_BY_NAME = {name: timer for timer, name in STORED_TIMERS.items()}
 SHUT_DOWN_BEFORE_ANSWER = "session manager shut down before the session was answered"
-
-
-async def _nothing_to_persist(record: SessionRecord) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class SessionDeps:
-    """What every session actor uses, shared and owned by the daemon."""
-
-    events: EventLog
-    gateway: LiveKitGateway
-    microservices: MicroserviceClient
-    registry: Registry
-    join_timeout: float
-    room_empty_timeout: int
-    client_token_ttl: float
-    teardown_timeout: float
-    max_redispatch: int = 3
-    client_join_timeout: float = 300.0
-    client_reconnect_grace: float = 60.0
-    deployment: str = "default"  # tags the rooms this deployment creates
-    max_session_duration: float = 86400.0  # caps every client token's lifetime (plus margins)
-    # Makes what was published so far durable (the store's flush): a session is stored before
-    # its room is created, so a crash never leaves a room no stored session claims.
-    persist: Callable[[SessionRecord], Awaitable[None]] = _nothing_to_persist
-
-
-def duration_limit(metadata: JsonDict) -> float | None:
-    value = metadata.get("duration_limit")
-    return float(value) if value is not None else None
-
-
-ROOM_TAG = "session_manager"  # room metadata key: the deployment that created the room
-
-
-def room_metadata(deployment: str, record: SessionRecord) -> str:
-    """A room's metadata: whose session it is, and a tag naming the deployment that created it,
-    so rooms it no longer knows (a delete that failed, a crash) can be found and deleted."""
-    return orjson.dumps(
-        {
-            "session_id": record.session_id,
-            "user_identity": record.user_identity,
-            ROOM_TAG: deployment,
-        }
-    ).decode()
-
-
-def _room_field(metadata: str, name: str) -> str | None:
-    try:
-        parsed = orjson.loads(metadata)
-    except orjson.JSONDecodeError:
-        return None
-    value = parsed.get(name) if isinstance(parsed, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def created_by(metadata: str) -> str | None:
-    """The deployment a room's metadata names, if it is one of ours."""
-    return _room_field(metadata, ROOM_TAG)
-
-
-def room_session(metadata: str) -> str | None:
-    """The session a room of ours was created for, from its metadata."""
-    return _room_field(metadata, "session_id")
-
-
-def token_ttl(deps: SessionDeps, metadata: JsonDict) -> timedelta:
-    """How long the tokens of a session live: its duration limit plus the time to join and a
-    margin for reconnecting, or `client_token_ttl` for a session without a limit; never longer
-    than `max_session_duration` with the same margins."""
-    cap = timedelta(seconds=deps.max_session_duration + deps.join_timeout) + TOKEN_MARGIN
-    limit = duration_limit(metadata)
-    if limit is None:
-        return min(timedelta(seconds=deps.client_token_ttl), cap)
-    return min(timedelta(seconds=limit + deps.join_timeout) + TOKEN_MARGIN, cap)
-
-
-def mint_client_token(deps: SessionDeps, record: SessionRecord) -> str:
-    """The user's token for the session's room. Minted again (never stored) when an
-    Idempotency-Key replay answers with the session it created."""
-    return deps.gateway.mint_token(
-        identity=record.user_identity,
-        name=record.user_name,
-        room_name=record.room_name,
-        ttl=token_ttl(deps, record.metadata),
-        attributes={ROLE_ATTRIBUTE: ROLE_CLIENT, SESSION_ATTRIBUTE: record.session_id},
-    )
 
 
 class SessionActor:

@@ -12,7 +12,7 @@ from livekit import api
 
 from examples.pong.pong import PongHandler
 from session_manager.sdk import MicroserviceRunner
-from session_manager.session.actor import TOKEN_MARGIN
+from session_manager.session.deps import TOKEN_MARGIN
 from tests.conftest import FAST_SETTINGS, LiveKitUnderTest, room_names
 from tests.fake_services import (
     ScriptedService,

@@ -9,7 +9,7 @@ import pytest
 
 from session_manager.events import EventLog
 from session_manager.registry import Registry
-from session_manager.session.actor import SessionDeps
+from session_manager.session.deps import SessionDeps
 from session_manager.store import MemoryStore
 from session_manager.supervisor import Supervisor
 from session_manager.takeover import SessionTakeOver

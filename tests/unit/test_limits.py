@@ -26,7 +26,7 @@ from session_manager.config import Settings
 from session_manager.errors import AtCapacity, ManagerError, TooManyRequests
 from session_manager.events import EventLog
 from session_manager.registry import Registry
-from session_manager.session.actor import TOKEN_MARGIN, SessionDeps, token_ttl
+from session_manager.session.deps import TOKEN_MARGIN, SessionDeps, token_ttl
 from session_manager.store import MemoryStore
 from session_manager.supervisor import Supervisor
 from tests.conftest import free_port

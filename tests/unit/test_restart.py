@@ -20,7 +20,8 @@ from session_manager.livekit.webhooks import (
     SESSION_ATTRIBUTE,
     RoomEvent,
 )
-from session_manager.session.actor import SHUT_DOWN_BEFORE_ANSWER, room_metadata
+from session_manager.session.actor import SHUT_DOWN_BEFORE_ANSWER
+from session_manager.session.deps import room_metadata
 from session_manager.session.messages import SessionCreated
 from session_manager.session.record import SessionRecord
 from session_manager.session.states import SessionStatus

@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 
 from session_manager.commands import ReconcileRooms
-from session_manager.session.actor import ROOM_TAG
+from session_manager.session.deps import ROOM_TAG
 from session_manager.session.states import SessionStatus
 from tests.unit.session_harness import Harness
 

@@ -17,7 +17,7 @@ from session_manager.livekit.webhooks import (
     ROLE_CLIENT,
     ROLE_SERVICE,
 )
-from session_manager.session.actor import TOKEN_MARGIN
+from session_manager.session.deps import TOKEN_MARGIN
 from session_manager.session.states import (
     TRANSITIONS,
     IllegalTransition,
