@@ -311,7 +311,9 @@ class Daemon:
             for slot in record.services.values():
                 service = self.registry.find(slot.service_id)
                 places[slot.service_id] = service.max_sessions if service else None
-            await self.cluster.claim_new(record.session_id, places)
+            # max_live_sessions holds across the cluster too (each process also keeps it alone).
+            max_live = self.settings.max_live_sessions
+            await self.cluster.claim_new(record.session_id, places, max_live)
         await self.store.flush()
 
     async def _join_cluster(self) -> None:

@@ -23,7 +23,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from session_manager.errors import NoCapacity, StoreUnavailable
+from session_manager.errors import AtCapacity, NoCapacity, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ return lost
 # at its max_sessions across the cluster refuses (its position in the list is returned), so two
 # processes choosing at once cannot both fill its last place.
 CLAIM_NEW = """
+if tonumber(ARGV[4]) >= 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[4]) then
+  return -1
+end
 for i = 3, #KEYS do
-  local most = tonumber(ARGV[i + 1])
+  local most = tonumber(ARGV[i + 2])
   if most >= 0 and redis.call('SISMEMBER', KEYS[i], ARGV[3]) == 0
      and redis.call('SCARD', KEYS[i]) >= most then
     return i - 2
@@ -115,17 +118,25 @@ class SessionLeases:
     def _load(self, service_id: str) -> str:
         return f"{self._prefix}load:{service_id}"
 
-    async def claim_new(self, session_id: str, places: dict[str, int | None]) -> None:
+    async def claim_new(
+        self, session_id: str, places: dict[str, int | None], *, max_live: int | None = None
+    ) -> None:
         """Own a session being created, before its room exists, with a place on each instance
         it uses (service id -> its max_sessions, None: no limit). Raises NoCapacity if one of
-        them is full across the cluster."""
+        them is full across the cluster, AtCapacity if the cluster runs `max_live` sessions."""
         ids = sorted(places)
         keys = [self._live, self._lease(session_id), *(self._load(s) for s in ids)]
         limits: list[int] = [-1 if (most := places[s]) is None else most for s in ids]
-        args: list[str | int] = [self.node_id, self._ttl_ms, session_id, *limits]
+        most_live = -1 if max_live is None else max_live
+        args: list[str | int] = [self.node_id, self._ttl_ms, session_id, most_live, *limits]
         full = await self._bounded(
             "record a session's owner", self._claim_new(keys=keys, args=args)
         )
+        if full == -1:
+            raise AtCapacity(
+                f"the session managers run their most live sessions ({max_live})",
+                retry_after=10,
+            )
         if full:
             raise NoCapacity(f"microservice {ids[int(full) - 1]} has no free capacity")
         self.owned.add(session_id)

@@ -96,8 +96,10 @@ class ClusterNode:
 
     # what the supervisor asks ----------------------------------------------------------------
 
-    async def claim_new(self, session_id: str, places: dict[str, int | None]) -> None:
-        await self.leases.claim_new(session_id, places)
+    async def claim_new(
+        self, session_id: str, places: dict[str, int | None], max_live: int | None
+    ) -> None:
+        await self.leases.claim_new(session_id, places, max_live=max_live)
 
     async def session_ended(self, session_id: str, services: list[str]) -> None:
         await self.leases.release(session_id, ended=True, services=services)
