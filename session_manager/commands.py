@@ -217,6 +217,13 @@ class RemoteWebhook:
 
 
 @dataclass(frozen=True)
+class ClusterLoads:
+    """How many sessions hold a place on each instance across the cluster, as just read."""
+
+    loads: dict[str, int]
+
+
+@dataclass(frozen=True)
 class RegistryChanged:
     """Another process changed a registration in the shared store: read it again."""
 
@@ -256,5 +263,6 @@ SupervisorMessage = (
     | AdoptSessions
     | RemoteWebhook
     | RegistryChanged
+    | ClusterLoads
     | IoFinished
 )

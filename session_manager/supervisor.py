@@ -38,6 +38,7 @@ from session_manager.commands import (
     ActorExited,
     AddSessionService,
     AdoptSessions,
+    ClusterLoads,
     CreateSession,
     DeleteSession,
     DeregisterService,
@@ -241,6 +242,8 @@ class Supervisor:
         if cluster is not None:
             cluster.on_lost = lambda session_ids: self.tell(SessionsLost(session_ids))
             cluster.on_orphans = lambda adoptions: self.tell(AdoptSessions(adoptions))
+            cluster.service_ids = lambda: [record.service_id for record in self._registry.all()]
+            cluster.on_loads = lambda loads: self.tell(ClusterLoads(loads))
             cluster.bus.run_command = self._run_for_another_process
             cluster.bus.deliver_webhook = lambda event: self.tell(RemoteWebhook(event))
             cluster.bus.registry_changed = lambda sid, status: self.tell(
@@ -386,6 +389,8 @@ class Supervisor:
                         child.actor.relinquish()
             case AdoptSessions(adoptions=adoptions):
                 self._adopt(adoptions)
+            case ClusterLoads(loads=loads):
+                self._registry.apply_cluster_load(loads)
             case RegistryChanged(service_id=service_id, status=status):
                 self._offload(
                     self._store.load_services(),

@@ -57,7 +57,7 @@ def render(daemon: Daemon) -> str:
                     "status": r.status.value,
                     "draining": str(r.draining).lower(),
                 },
-                len(r.sessions),
+                r.load,
             )
             for r in services
         ),

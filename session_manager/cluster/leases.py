@@ -195,6 +195,17 @@ class SessionLeases:
         self.owned.update(won)
         return won
 
+    async def loads(self, service_ids: Iterable[str]) -> dict[str, int]:
+        """How many sessions hold a place on each of these instances, across the cluster."""
+        ids = sorted(set(service_ids))
+        if not ids:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for service_id in ids:
+                pipe.scard(self._load(service_id))
+            counts = await self._bounded("read instance loads", pipe.execute())
+        return {service_id: int(count) for service_id, count in zip(ids, counts, strict=True)}
+
     async def known(self, session_ids: Iterable[str]) -> set[str]:
         """Which of these sessions are live somewhere in the cluster."""
         ids = sorted(set(session_ids))

@@ -72,6 +72,9 @@ class ClusterNode:
         self.leads_health_checks = False  # this process makes the cluster's health checks
         self.on_lost: Callable[[list[str]], None] = lambda session_ids: None
         self.on_orphans: Callable[[list[Adoption]], None] = lambda adoptions: None
+        # The instances whose load across the cluster is read each round, and who hears it.
+        self.service_ids: Callable[[], list[str]] = list
+        self.on_loads: Callable[[dict[str, int]], None] = lambda loads: None
 
     async def start(self) -> list[Adoption]:
         """Listen on the bus and claim the sessions nobody owns (those a previous process left,
@@ -137,6 +140,10 @@ class ClusterNode:
             self._board.down(CLUSTER, f"leases cannot be renewed: {exc.message}")
             return
         self._board.up(CLUSTER)
+        try:
+            self.on_loads(await self.leases.loads(self.service_ids()))
+        except ManagerError as exc:
+            log.warning("instance loads not read", extra={"error": exc.message})
         if lost:
             log.warning("sessions taken over by another process", extra={"count": len(lost)})
             self.on_lost(lost)

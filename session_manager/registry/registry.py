@@ -77,6 +77,9 @@ class ServiceRecord:
     last_error: str | None = None
     last_check_at: datetime | None = None
     sessions: set[str] = field(default_factory=set)  # sessions it is dispatched into
+    # Several managers on one Redis: the sessions holding a place on it across all of them, as
+    # last read (the sessions above are this process's only).
+    cluster_sessions: int = 0
     last_chosen: float = 0.0  # monotonic; ties in free capacity go to the least recently used
     owner: str | None = None  # id of the API key that registered it (never the key)
     # Signs every call to the service; stored, never in a view (repr=False: nor in a repr).
@@ -100,7 +103,12 @@ class ServiceRecord:
     @property
     def free_capacity(self) -> float:
         limit = self.max_sessions
-        return float("inf") if limit is None else float(limit - len(self.sessions))
+        return float("inf") if limit is None else float(limit - self.load)
+
+    @property
+    def load(self) -> int:
+        """Sessions it serves: this process's, or the cluster's when that is known and more."""
+        return max(len(self.sessions), self.cluster_sessions)
 
     @property
     def accepting(self) -> bool:
@@ -119,7 +127,7 @@ class ServiceRecord:
             "metadata": self.metadata,
             "status": self.status.value,
             "draining": self.draining,
-            "sessions": len(self.sessions),
+            "sessions": self.load,
             "max_sessions": self.max_sessions,
             "last_error": self.last_error,
             "last_check_at": rfc3339(self.last_check_at) if self.last_check_at else None,
@@ -270,6 +278,13 @@ class Registry:
             fresh.last_chosen = known.last_chosen
         self._services[service_id] = fresh
         self._index(fresh)
+
+    def apply_cluster_load(self, loads: dict[str, int]) -> None:
+        """How many sessions hold a place on each instance across the cluster, as just read."""
+        for service_id, count in loads.items():
+            record = self._services.get(service_id)
+            if record is not None:
+                record.cluster_sessions = count
 
     def forget(self, service_id: str) -> None:
         """Undo a `register` whose write failed."""

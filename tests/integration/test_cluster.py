@@ -212,3 +212,36 @@ async def test_a_redis_outage_refuses_writes_then_heals(
     # The session that ran through the outage is still A's, and still works from B.
     ended = await json_of(await b.delete(f"/api/v1/sessions/{running['session_id']}"))
     assert ended["status"] == "Terminated"
+
+
+async def test_a_process_chooses_the_instance_with_room_across_the_cluster(
+    start_member: Any,
+) -> None:
+    """Two instances with one place each: with one taken by a session on A, B's next session
+    goes to the other one (B reads the cluster's loads), instead of being refused."""
+    a, b = await start_member(), await start_member()
+    async with (
+        ScriptedService(accept_without_joining).running() as one,
+        ScriptedService(accept_without_joining).running() as two,
+    ):
+        await register(a, "inst-1", one.endpoint, type="TWO", max_sessions=1)
+        await register(a, "inst-2", two.endpoint, type="TWO", max_sessions=1)
+        body = {"user_identity": "u", "required_services": ["type:TWO"]}
+        first = await json_of(await a.post("/api/v1/create-session", json=body))
+        taken = first["session_id"]
+
+        async def b_sees_the_load() -> bool:
+            views = await json_of(await b.get("/api/v1/microservices"))
+            return sum(v["sessions"] for v in views["microservices"]) == 1
+
+        for _ in range(100):
+            if await b_sees_the_load():
+                break
+            await asyncio.sleep(0.05)
+        second = await json_of(await b.post("/api/v1/create-session", json=body))
+        chosen = {
+            s["service_id"]
+            for sid in (taken, second["session_id"])
+            for s in (await json_of(await a.get(f"/api/v1/sessions/{sid}")))["services"]
+        }
+        assert chosen == {"inst-1", "inst-2"}
