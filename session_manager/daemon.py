@@ -16,9 +16,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from session_manager.clock import now_rfc3339
 from session_manager.cluster.node import ClusterNode
@@ -32,6 +29,7 @@ from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, mak
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
 from session_manager.livekit.watch import LiveKitWatch
 from session_manager.livekit.webhooks import WebhookVerifier
+from session_manager.redis_connection import RedisUrl
 from session_manager.registry import Registry
 from session_manager.registry.health import HealthMonitor, HealthResults
 from session_manager.session.deps import SessionDeps
@@ -322,12 +320,7 @@ class Daemon:
         settings = self.settings
         if settings.store != "redis":
             return
-        redis = Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        redis = RedisUrl(settings.redis_url).connect(timeout=settings.redis_timeout)
         self._stage("cluster redis client", redis.aclose)
         cluster = ClusterNode(
             redis,

@@ -44,18 +44,17 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from session_manager.errors import StartupFailed
 from session_manager.events.log import DEFAULT_HISTORY, EventListener, EventLog
 from session_manager.events.model import Event
 from session_manager.health_board import STORE, HealthBoard
+from session_manager.redis_connection import RedisUrl
+from session_manager.store.base import describe
 from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
@@ -158,9 +157,7 @@ class RedisEventFeed:
     ) -> None:
         if history < 1 or max_queue < 1:
             raise ValueError("history and max_queue must be at least 1")
-        self._url = url
-        self._where = _where(url)
-        self._secrets = _secrets(url)
+        self._url = RedisUrl(url)
         self.node_id = node_id
         self._stream = f"{prefix}{STREAM}"
         self._mark = f"{prefix}{STREAM}:writer:{node_id}"
@@ -248,8 +245,10 @@ class RedisEventFeed:
             raise RuntimeError("the event feed can be started once")
         self._log = event_log
         try:
-            self._redis = self._client(self._timeout)
-            self._blocking = self._client(self._block + self._timeout)
+            self._redis = self._url.connect(timeout=self._timeout)
+            self._blocking = self._url.connect(
+                timeout=self._timeout, socket_timeout=self._block + self._timeout
+            )
         except ValueError:  # redis-py's message may quote parts of the URL
             await self._close_clients()
             raise StartupFailed("redis_url is not a valid Redis URL") from None
@@ -263,7 +262,7 @@ class RedisEventFeed:
             await self._close_clients()
             problem = f"no answer within {self._start_timeout:g} s ({self._last_problem})"
             raise StartupFailed(
-                f"cannot read events from Redis at {self._where}: {problem}"
+                f"cannot read events from Redis at {self._url.where}: {problem}"
             ) from None
         self._writer = self._spawn(self._write_loop(), "writer")
         self._reader = self._spawn(self._read_loop(), "reader")
@@ -293,7 +292,7 @@ class RedisEventFeed:
             except (RedisError, OSError) as exc:
                 log.warning(
                     "outbound events left in Redis at close",
-                    extra={"error": self._describe(exc)},
+                    extra={"error": self._url.describe(exc)},
                 )
             await cancel_and_wait([self._writer, self._reader, self._consumer], self._timeout)
             left = len(self._queue)
@@ -305,15 +304,6 @@ class RedisEventFeed:
                     extra={"dropped": left, "timeout": timeout},
                 )
             await self._close_clients()
-
-    def _client(self, socket_timeout: float) -> Redis:
-        return Redis.from_url(
-            self._url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=self._timeout,
-            # Our loops retry, within our bounds: no hidden retries below them.
-            retry=Retry(NoBackoff(), 0),
-        )
 
     async def _close_clients(self) -> None:
         for client in (self._redis, self._blocking):
@@ -345,7 +335,7 @@ class RedisEventFeed:
                 async with asyncio.timeout(self._timeout):
                     return await call()
             except (RedisError, OSError, TimeoutError) as exc:
-                self._last_problem = self._describe(exc)
+                self._last_problem = self._url.describe(exc)
                 log.warning("Redis not answering yet; retrying", extra=self._error(exc))
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._max_backoff)
@@ -581,7 +571,7 @@ class RedisEventFeed:
             self._stats.unreadable += 1
             log.error(
                 "unreadable entry in the event stream; skipped",
-                extra={"entry_id": entry_id.decode(errors="replace"), "error": _describe(exc)},
+                extra={"entry_id": entry_id.decode(errors="replace"), "error": describe(exc)},
             )
             return None
 
@@ -759,14 +749,7 @@ class RedisEventFeed:
         log.warning(message, extra=extra)
 
     def _error(self, exc: BaseException) -> dict[str, object]:
-        return {"error": self._describe(exc), "redis": self._where}
-
-    def _describe(self, exc: BaseException) -> str:
-        """`_describe` with every secret of the URL masked: redis-py's messages are not ours."""
-        text = _describe(exc)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return {"error": self._url.describe(exc), "redis": self._url.where}
 
 
 def _running(task: asyncio.Task[None] | None) -> bool:
@@ -790,41 +773,3 @@ def _entry_key(entry_id: bytes | str) -> tuple[int, int]:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, sequence = text.partition("-")
     return int(ms), int(sequence or 0)
-
-
-def _describe(exc: BaseException) -> str:
-    """`Type: text` of an exception on one line, for logs; never raises."""
-    try:
-        text = " ".join(str(exc).split())
-    except Exception:
-        text = ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _where(url: str) -> str:
-    """The place a Redis URL points to, for messages: host and port, or the socket path, and
-    the database; never the user name or the password."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            return parts.path or "a Unix socket"
-        host = parts.hostname or "localhost"
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
-        database = parts.path.strip("/")
-        return f"{host}:{parts.port or 6379}" + (f"/{database}" if database else "")
-    except ValueError:  # a port that is not a number, an unbalanced bracket
-        return "the configured redis_url"
-
-
-def _secrets(url: str) -> tuple[str, ...]:
-    """The passwords a Redis URL may carry (user info, or `?password=`), as written and as
-    redis-py decodes them, longest first."""
-    try:
-        parts = urlsplit(url)
-        found = {parts.password or ""}
-        found.update(parse_qs(parts.query).get("password", []))
-    except ValueError:
-        return ()
-    found.update([unquote(secret) for secret in found])
-    return tuple(sorted((s for s in found if s), key=len, reverse=True))

@@ -2,12 +2,12 @@
 
 The same promises as `SqliteStore`: registrations and idempotency keys are written through (the
 caller is answered once Redis has them, or gets `StoreUnavailable`); session views are written
-behind by a task the store owns, and a view queued is readable at once. Every call to Redis is
+behind (`SessionWriteBehind`), and a view queued is readable at once. Every call to Redis is
 bounded twice: socket timeouts on the client and an asyncio timeout of `timeout` seconds around
 each operation, retries included. An unreachable or hung Redis therefore surfaces as
 `StoreUnavailable` within that bound, never as a hang nor as a redis-py exception.
 
-The store never fails silently, exactly as `SqliteStore` (see its module docstring): failing
+The store never fails silently, exactly as `SqliteStore` (see `store.write_behind`): failing
 batches are retried with capped backoff and reported on the health board until one succeeds,
 the backlog is bounded by `max_pending`, and a writer that dies is fatal.
 
@@ -30,39 +30,31 @@ not, and is not supported.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_manager.errors import StartupFailed, StoreUnavailable
-from session_manager.health_board import STORE, HealthBoard
-from session_manager.store.base import JsonDict, SessionCursor, listed_before, matches
-from session_manager.supervision import cancel_and_wait, watch
+from session_manager.health_board import HealthBoard
+from session_manager.redis_connection import RedisUrl
+from session_manager.store.base import JsonDict, SessionCursor, describe, matches
+from session_manager.store.write_behind import SessionWriteBehind
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-BATCH_WINDOW = 0.02  # seconds the writer waits after a wake-up for more views to arrive
 WRITE_CHUNK = 500  # views per pipeline: one round trip each, each well inside the call timeout
 PURGE_CHUNK = 500  # entries one purge script removes at most, so it never blocks Redis for long
 LIST_PAGE = 100  # index entries read per round trip when a listing filters out many
-
-WRITER_STOPPED = "the store's session writer has stopped"
-WRITES_FAILING = "session views cannot be written"
 
 # Errors worth another attempt: Redis down, restarting, loading its data, or slow. Anything
 # else (a wrong password, a key of the wrong type) would fail the same way again; redis-py
@@ -167,35 +159,27 @@ class RedisStore:
         retry_backoff: float = 0.1,
         max_backoff: float = 5.0,
     ) -> None:
-        self._url = url
-        self._where = _where(url)
-        self._secrets = _secrets(url)
+        self._url = RedisUrl(url)
         self._prefix = prefix
         self._timeout = timeout
-        self._board = board
-        self._on_fatal = on_fatal
-        self._max_pending = max_pending
         self._flush_timeout = flush_timeout
         self._attempts = attempts
         self._retry_backoff = retry_backoff
         self._max_backoff = max_backoff
         self._client: _Client | None = None
-        self._pending: dict[str, JsonDict] = {}
-        self._writing: dict[str, JsonDict] = {}  # the batch on its way to Redis, still readable
-        self._wakeup = asyncio.Event()
-        self._hurry = asyncio.Event()  # someone waits in flush(): write without the batch window
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        # flush(): every save bumps `_queued`; the writer publishes `_written` after each batch
-        # and answers the waiters whose target it reached.
-        self._queued = 0
-        self._written = 0
-        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        # What the health board was last told (None: up), and why the store may be down.
-        self._failing = False
-        self._over_bound = False
-        self._writer_died = False
-        self._reported: str | None = None
+        self._views = SessionWriteBehind(
+            self._write_sessions,
+            name="redis-session-writer",
+            log=log,
+            board=board,
+            on_fatal=on_fatal,
+            max_pending=max_pending,
+            flush_timeout=flush_timeout,
+            retry_backoff=retry_backoff,
+            max_backoff=max_backoff,
+            describe=self._url.describe,
+            traceback_of=_traceback_of,
+        )
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -204,22 +188,15 @@ class RedisStore:
         seconds (it may be starting beside us); `StartupFailed` names the host, never the
         URL, which may hold a password."""
         try:
-            client = Redis.from_url(
-                self._url,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                # Our own loop retries, within our own bound: no hidden retries below it.
-                retry=Retry(NoBackoff(), 0),
-            )
+            client = self._url.connect(timeout=self._timeout)
         except ValueError:  # redis-py's message may quote parts of the URL
             raise StartupFailed("redis_url is not a valid Redis URL") from None
         problem = await self._first_ping(client)
         if problem is not None:
             await self._close_client(client)
-            raise StartupFailed(f"cannot reach Redis at {self._where}: {problem}")
+            raise StartupFailed(f"cannot reach Redis at {self._url.where}: {problem}")
         self._client = _Client.of(client)
-        self._writer = asyncio.create_task(self._write_behind(), name="redis-session-writer")
-        watch(self._writer, self._on_writer_death)
+        self._views.start()
 
     async def _first_ping(self, client: Redis) -> str | None:
         """None once Redis answers; else why not, on one line without secrets."""
@@ -234,26 +211,15 @@ class RedisStore:
                         return None
                     except Exception as exc:
                         if not _worth_retrying(exc):  # wrong password, not a Redis: final
-                            return self._describe(exc)
-                        last = self._describe(exc)
+                            return self._url.describe(exc)
+                        last = self._url.describe(exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self._max_backoff)
         except TimeoutError:
             return f"no answer within {self._flush_timeout:g} s ({last})"
 
     async def aclose(self) -> None:
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None and not self._writer_died:
-            try:
-                await self.flush(self._flush_timeout)
-            except StoreUnavailable:
-                log.error(
-                    "session views left unwritten at close",
-                    extra={"count": self.backlog, "timeout": self._flush_timeout},
-                )
-        await cancel_and_wait([self._writer])
-        self._writer = None
+        await self._views.aclose()
         client, self._client = self._client, None
         if client is not None:
             await self._close_client(client.redis)
@@ -263,7 +229,9 @@ class RedisStore:
             async with asyncio.timeout(self._timeout):
                 await client.aclose()
         except Exception as exc:
-            log.error("closing the Redis connections failed", extra={"error": self._describe(exc)})
+            log.error(
+                "closing the Redis connections failed", extra={"error": self._url.describe(exc)}
+            )
 
     async def ping(self) -> None:
         """Return once Redis answers; `StoreUnavailable` if it does not within the bound."""
@@ -273,56 +241,14 @@ class RedisStore:
 
     @property
     def backlog(self) -> int:
-        return len(self._pending) + len(self._writing)
+        return self._views.backlog
 
     @property
     def healthy(self) -> bool:
-        return self._trouble() is None
+        return self._views.healthy
 
     def check_capacity(self) -> None:
-        if self._writer_died:
-            raise StoreUnavailable(WRITER_STOPPED)
-        if self.backlog >= self._max_pending:
-            raise StoreUnavailable(
-                f"{self.backlog} session views are waiting to be written; try again later"
-            )
-
-    def _trouble(self) -> str | None:
-        if self._writer_died:
-            return WRITER_STOPPED
-        if self._failing:
-            return WRITES_FAILING
-        if self._over_bound:
-            return f"{self._max_pending} or more session views are waiting to be written"
-        return None
-
-    def _report_health(self) -> None:
-        trouble = self._trouble()
-        if trouble == self._reported:
-            return
-        self._reported = trouble
-        if self._board is None:
-            return
-        if trouble is None:
-            self._board.up(STORE)
-        else:
-            self._board.down(STORE, trouble)
-
-    def _check_backlog(self) -> None:
-        over = self.backlog >= self._max_pending
-        if over != self._over_bound:
-            self._over_bound = over
-            self._report_health()
-
-    def _on_writer_death(self, error: BaseException | None) -> None:
-        self._writer_died = True
-        waiters, self._flush_waiters = self._flush_waiters, []
-        for _, done in waiters:
-            if not done.done():
-                done.set_exception(StoreUnavailable(WRITER_STOPPED))
-        self._report_health()
-        if self._on_fatal is not None:
-            self._on_fatal(WRITER_STOPPED)
+        self._views.check_capacity()
 
     # calls to Redis ----------------------------------------------------------------------
 
@@ -347,7 +273,7 @@ class RedisStore:
                             extra={
                                 "operation": what,
                                 "attempt": attempt,
-                                "error": self._describe(exc),
+                                "error": self._url.describe(exc),
                             },
                         )
                     await asyncio.sleep(delay)
@@ -362,20 +288,13 @@ class RedisStore:
         except Exception as exc:
             log.error(
                 "store call failed",
-                extra={"operation": what, "attempts": attempt, "error": self._describe(exc)},
+                extra={"operation": what, "attempts": attempt, "error": self._url.describe(exc)},
                 exc_info=_traceback_of(exc),
             )
             raise StoreUnavailable(f"the store could not {what}") from None
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
-
-    def _describe(self, exc: BaseException) -> str:
-        """`_describe` with every secret of the URL masked: redis-py's messages are not ours."""
-        text = _describe(exc)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
     # registrations -----------------------------------------------------------------------
 
@@ -457,31 +376,13 @@ class RedisStore:
     # sessions ----------------------------------------------------------------------------
 
     def save_session(self, view: JsonDict) -> None:
-        self._pending[view["session_id"]] = view
-        self._queued += 1
-        self._wakeup.set()
-        if not self._over_bound:
-            self._check_backlog()
+        self._views.save(view)
 
     async def flush(self, timeout: float | None = None) -> None:
-        limit = self._flush_timeout if timeout is None else timeout
-        if self._writer_died:
-            raise StoreUnavailable(WRITER_STOPPED)
-        target = self._queued
-        if self._written >= target:
-            return
-        if self._writer is None:
-            raise StoreUnavailable("the store is not open")
-        done = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append((target, done))
-        self._hurry.set()
-        try:
-            await asyncio.wait_for(done, limit)
-        except TimeoutError:
-            raise StoreUnavailable(f"session views were not written within {limit:g} s") from None
+        await self._views.flush(timeout)
 
     async def get_session(self, session_id: str) -> JsonDict | None:
-        waiting = self._pending.get(session_id) or self._writing.get(session_id)
+        waiting = self._views.unwritten(session_id)
         if waiting is not None:
             return waiting
         body = await self._call(
@@ -498,24 +399,21 @@ class RedisStore:
         before: SessionCursor | None,
         owner: str | None = None,
     ) -> list[JsonDict]:
-        # Views not yet in Redis are merged in rather than waited for: a Redis that is down or
-        # slow must not stall every listing. Their stored bodies are older, so those are skipped.
-        waiting = {**self._writing, **self._pending}
-        fresh = [
-            view
-            for view in waiting.values()
-            if matches(view, status, user_identity, owner) and listed_before(view, before)
-        ]
-        skip = frozenset(waiting)
-
-        async def stored(client: _Client) -> list[JsonDict]:
-            return await self._list_stored(
-                client.redis, status, user_identity, owner, limit, before, skip
+        async def stored(skip: frozenset[str]) -> list[JsonDict]:
+            return await self._call(
+                "list sessions",
+                lambda c: self._list_stored(
+                    c.redis, status, user_identity, owner, limit, before, skip
+                ),
             )
 
-        found = await self._call("list sessions", stored)
-        return heapq.nlargest(
-            limit, [*fresh, *found], key=lambda v: (v["created_at"], v["session_id"])
+        return await self._views.listing(
+            stored,
+            status=status,
+            user_identity=user_identity,
+            owner=owner,
+            limit=limit,
+            before=before,
         )
 
     async def _list_stored(
@@ -566,70 +464,6 @@ class RedisStore:
                 return found[:limit]
             bound = b"(" + members[-1]
 
-    async def _write_behind(self) -> None:
-        delay = self._retry_backoff
-        while True:
-            await self._wakeup.wait()
-            if not self._closing and not self._failing:
-                # Let a burst gather: one round trip for many sessions instead of one each
-                # (unless a flush is waiting: a create is answered only once it is written).
-                with suppress(TimeoutError):
-                    async with asyncio.timeout(BATCH_WINDOW):
-                        await self._hurry.wait()
-            self._hurry.clear()
-            self._wakeup.clear()
-            covered = self._queued
-            batch, self._pending = self._pending, {}
-            if batch:
-                self._writing = batch
-                try:
-                    dropped = await self._write_sessions(list(batch.values()))
-                except Exception as exc:
-                    # Newer views that arrived meanwhile win over the batch we failed to write.
-                    self._pending = {**batch, **self._pending}
-                    self._writing = {}
-                    self._write_failed(exc, len(batch), delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._max_backoff)
-                    self._wakeup.set()
-                    continue
-                self._writing = {}
-                delay = self._retry_backoff
-                for session_id, error in dropped:
-                    log.error(
-                        "session view cannot be serialised; dropped",
-                        extra={"session_id": session_id, "error": error},
-                    )
-                if self._failing:
-                    self._failing = False
-                    log.warning("session views are written again", extra={"count": len(batch)})
-            self._written = covered
-            self._answer_flushes()
-            self._check_backlog()
-            self._report_health()
-
-    def _write_failed(self, exc: Exception, count: int, retry_in: float) -> None:
-        extra = {"count": count, "retry_in": retry_in, "error": self._describe(exc)}
-        if self._failing:
-            log.error("writing session views failed again; will retry", extra=extra)
-            return
-        self._failing = True
-        log.error(
-            "writing session views failed; will retry", extra=extra, exc_info=_traceback_of(exc)
-        )
-        self._report_health()
-
-    def _answer_flushes(self) -> None:
-        waiting: list[tuple[int, asyncio.Future[None]]] = []
-        for target, done in self._flush_waiters:
-            if done.done():
-                continue  # its caller gave up
-            if target <= self._written:
-                done.set_result(None)
-            else:
-                waiting.append((target, done))
-        self._flush_waiters = waiting
-
     async def _write_sessions(self, views: list[JsonDict]) -> list[tuple[str, str]]:
         """Write the views, each with its index entries in one script, a chunk per round trip,
         each round trip within `timeout`. A view that cannot be written at all is left out (it
@@ -643,7 +477,7 @@ class RedisStore:
             try:
                 prepared.append(self._session_args(view))
             except Exception as exc:
-                dropped.append((str(view.get("session_id")), _describe(exc)))
+                dropped.append((str(view.get("session_id")), describe(exc)))
         for start in range(0, len(prepared), WRITE_CHUNK):
             async with (
                 asyncio.timeout(self._timeout),
@@ -706,43 +540,5 @@ def _encode(what: str, value: JsonDict) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-        log.error("value cannot be serialised", extra={"operation": what, "error": _describe(exc)})
+        log.error("value cannot be serialised", extra={"operation": what, "error": describe(exc)})
         raise StoreUnavailable(f"the store could not {what}: it cannot be serialised") from None
-
-
-def _describe(exc: BaseException) -> str:
-    """`Type: text` of an exception on one line, for logs; never raises."""
-    try:
-        text = " ".join(str(exc).split())
-    except Exception:
-        text = ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _where(url: str) -> str:
-    """The place a Redis URL points to, for messages: host and port, or the socket path, and
-    the database; never the user name or the password."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            return parts.path or "a Unix socket"
-        host = parts.hostname or "localhost"
-        if ":" in host:  # IPv6
-            host = f"[{host}]"
-        database = parts.path.strip("/")
-        return f"{host}:{parts.port or 6379}" + (f"/{database}" if database else "")
-    except ValueError:  # a port that is not a number, an unbalanced bracket
-        return "the configured redis_url"
-
-
-def _secrets(url: str) -> tuple[str, ...]:
-    """The passwords a Redis URL may carry (user info, or `?password=`), as written and as
-    redis-py decodes them, longest first."""
-    try:
-        parts = urlsplit(url)
-        found = {parts.password or ""}
-        found.update(parse_qs(parts.query).get("password", []))
-    except ValueError:
-        return ()
-    found.update([unquote(secret) for secret in found])
-    return tuple(sorted((s for s in found if s), key=len, reverse=True))

@@ -2,50 +2,32 @@
 
 Registrations and idempotency keys are written through: the caller is answered once they are
 durable, or gets `StoreUnavailable` after a few attempts within `call_timeout`. Reads have the
-same bound. Session views are written behind: the latest view of each session waits in
-`_pending` and a writer task stores a whole batch in one transaction, so a burst of sessions
-costs a few commits, not hundreds.
-
-The store never fails silently:
-- a batch that cannot be written is logged (ERROR; the traceback once per failure streak) and
-  retried with capped exponential backoff, and the store is down on its health board from the
-  first failed write until one succeeds;
-- a view that cannot be serialised at all is dropped alone, with an ERROR naming its session;
-- views waiting to be written are bounded by `max_pending`: at the bound the store is down on
-  its board and `check_capacity` refuses new sessions with `StoreUnavailable`, while views of
-  sessions already running are still accepted (coalesced per session, they cannot grow the
-  backlog past the number of sessions). It is back when the backlog drains below the bound;
-- the writer task is watched: if it dies anyway, `flush` waiters get `StoreUnavailable` at once,
-  the store is down for good and `on_fatal(reason)` is called so the process can exit non-zero.
+same bound. Session views are written behind (`SessionWriteBehind`, which says how the store
+never fails silently): the latest view of each session waits there, and its writer stores a
+whole batch in one transaction, so a burst of sessions costs a few commits, not hundreds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
 from session_manager.errors import StartupFailed, StoreUnavailable
-from session_manager.health_board import STORE, HealthBoard
-from session_manager.store.base import JsonDict, SessionCursor, listed_before, matches
-from session_manager.supervision import cancel_and_wait, watch
+from session_manager.health_board import HealthBoard
+from session_manager.store.base import JsonDict, SessionCursor, describe
+from session_manager.store.write_behind import SessionWriteBehind
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-BATCH_WINDOW = 0.02  # seconds the writer waits after a wake-up for more views to arrive
-
-WRITER_STOPPED = "the store's session writer has stopped"
-WRITES_FAILING = "session views cannot be written"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS services (
@@ -91,9 +73,6 @@ class SqliteStore:
         max_backoff: float = 5.0,
     ) -> None:
         self._path = path
-        self._board = board
-        self._on_fatal = on_fatal
-        self._max_pending = max_pending
         self._flush_timeout = flush_timeout
         self._call_timeout = call_timeout
         self._attempts = attempts
@@ -101,22 +80,17 @@ class SqliteStore:
         self._max_backoff = max_backoff
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
-        self._pending: dict[str, JsonDict] = {}
-        self._writing: dict[str, JsonDict] = {}  # the batch on its way to disk, still readable
-        self._wakeup = asyncio.Event()
-        self._hurry = asyncio.Event()  # someone waits in flush(): write without the batch window
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        # flush(): every save bumps `_queued`; the writer publishes `_written` after each batch
-        # and answers the waiters whose target it reached.
-        self._queued = 0
-        self._written = 0
-        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        # What the health board was last told (None: up), and why the store may be down.
-        self._failing = False
-        self._over_bound = False
-        self._writer_died = False
-        self._reported: str | None = None
+        self._views = SessionWriteBehind(
+            self._write_batch,
+            name="sqlite-session-writer",
+            log=log,
+            board=board,
+            on_fatal=on_fatal,
+            max_pending=max_pending,
+            flush_timeout=flush_timeout,
+            retry_backoff=retry_backoff,
+            max_backoff=max_backoff,
+        )
 
     # lifecycle ---------------------------------------------------------------------------
 
@@ -128,8 +102,7 @@ class SqliteStore:
         except (OSError, sqlite3.Error) as exc:
             problem = _open_problem(self._path, exc)
         else:
-            self._writer = asyncio.create_task(self._write_behind(), name="sqlite-session-writer")
-            watch(self._writer, self._on_writer_death)
+            self._views.start()
             return
         self._executor.shutdown(wait=False, cancel_futures=True)
         raise StartupFailed(problem)
@@ -150,25 +123,14 @@ class SqliteStore:
         self._db = db
 
     async def aclose(self) -> None:
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None and not self._writer_died:
-            try:
-                await self.flush(self._flush_timeout)
-            except StoreUnavailable:
-                log.error(
-                    "session views left unwritten at close",
-                    extra={"count": self.backlog, "timeout": self._flush_timeout},
-                )
-        await cancel_and_wait([self._writer])
-        self._writer = None
+        await self._views.aclose()
         closed = self._db is None
         if not closed:
             try:
                 await asyncio.wait_for(self._run(self._close_sync), self._call_timeout)
                 closed = True
             except Exception as exc:
-                log.error("closing the database failed", extra={"error": _describe(exc)})
+                log.error("closing the database failed", extra={"error": describe(exc)})
         # A thread stuck on the disk cannot be stopped; it is abandoned rather than waited for.
         self._executor.shutdown(wait=closed, cancel_futures=True)
 
@@ -181,56 +143,14 @@ class SqliteStore:
 
     @property
     def backlog(self) -> int:
-        return len(self._pending) + len(self._writing)
+        return self._views.backlog
 
     @property
     def healthy(self) -> bool:
-        return self._trouble() is None
+        return self._views.healthy
 
     def check_capacity(self) -> None:
-        if self._writer_died:
-            raise StoreUnavailable(WRITER_STOPPED)
-        if self.backlog >= self._max_pending:
-            raise StoreUnavailable(
-                f"{self.backlog} session views are waiting to be written; try again later"
-            )
-
-    def _trouble(self) -> str | None:
-        if self._writer_died:
-            return WRITER_STOPPED
-        if self._failing:
-            return WRITES_FAILING
-        if self._over_bound:
-            return f"{self._max_pending} or more session views are waiting to be written"
-        return None
-
-    def _report_health(self) -> None:
-        trouble = self._trouble()
-        if trouble == self._reported:
-            return
-        self._reported = trouble
-        if self._board is None:
-            return
-        if trouble is None:
-            self._board.up(STORE)
-        else:
-            self._board.down(STORE, trouble)
-
-    def _check_backlog(self) -> None:
-        over = self.backlog >= self._max_pending
-        if over != self._over_bound:
-            self._over_bound = over
-            self._report_health()
-
-    def _on_writer_death(self, error: BaseException | None) -> None:
-        self._writer_died = True
-        waiters, self._flush_waiters = self._flush_waiters, []
-        for _, done in waiters:
-            if not done.done():
-                done.set_exception(StoreUnavailable(WRITER_STOPPED))
-        self._report_health()
-        if self._on_fatal is not None:
-            self._on_fatal(WRITER_STOPPED)
+        self._views.check_capacity()
 
     # calls through the disk thread -------------------------------------------------------
 
@@ -252,7 +172,7 @@ class SqliteStore:
                             raise
                         log.warning(
                             "store call failed; retrying",
-                            extra={"operation": what, "attempt": attempt, "error": _describe(exc)},
+                            extra={"operation": what, "attempt": attempt, "error": describe(exc)},
                         )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self._max_backoff)
@@ -359,31 +279,13 @@ class SqliteStore:
     # sessions ----------------------------------------------------------------------------
 
     def save_session(self, view: JsonDict) -> None:
-        self._pending[view["session_id"]] = view
-        self._queued += 1
-        self._wakeup.set()
-        if not self._over_bound:
-            self._check_backlog()
+        self._views.save(view)
 
     async def flush(self, timeout: float | None = None) -> None:
-        limit = self._flush_timeout if timeout is None else timeout
-        if self._writer_died:
-            raise StoreUnavailable(WRITER_STOPPED)
-        target = self._queued
-        if self._written >= target:
-            return
-        if self._writer is None:
-            raise StoreUnavailable("the store is not open")
-        done = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append((target, done))
-        self._hurry.set()
-        try:
-            await asyncio.wait_for(done, limit)
-        except TimeoutError:
-            raise StoreUnavailable(f"session views were not written within {limit:g} s") from None
+        await self._views.flush(timeout)
 
     async def get_session(self, session_id: str) -> JsonDict | None:
-        waiting = self._pending.get(session_id) or self._writing.get(session_id)
+        waiting = self._views.unwritten(session_id)
         if waiting is not None:
             return waiting
         rows = await self._call(
@@ -403,26 +305,25 @@ class SqliteStore:
         before: SessionCursor | None,
         owner: str | None = None,
     ) -> list[JsonDict]:
-        # Views not yet on disk are merged in rather than waited for: a disk that is failing or
-        # slow must not stall every listing. Their stored rows are older, so those are skipped.
-        waiting = {**self._writing, **self._pending}
-        fresh = [
-            view
-            for view in waiting.values()
-            if matches(view, status, user_identity, owner) and listed_before(view, before)
-        ]
-        stored = await self._call(
-            "list sessions",
-            self._list_stored,
-            status,
-            user_identity,
-            owner,
-            limit,
-            before,
-            frozenset(waiting),
-        )
-        return heapq.nlargest(
-            limit, [*fresh, *stored], key=lambda v: (v["created_at"], v["session_id"])
+        async def stored(skip: frozenset[str]) -> list[JsonDict]:
+            return await self._call(
+                "list sessions",
+                self._list_stored,
+                status,
+                user_identity,
+                owner,
+                limit,
+                before,
+                skip,
+            )
+
+        return await self._views.listing(
+            stored,
+            status=status,
+            user_identity=user_identity,
+            owner=owner,
+            limit=limit,
+            before=before,
         )
 
     def _list_stored(
@@ -465,70 +366,10 @@ class SqliteStore:
                 return found[:limit]
             cursor = (rows[-1][1], rows[-1][0])
 
-    async def _write_behind(self) -> None:
-        delay = self._retry_backoff
-        while True:
-            await self._wakeup.wait()
-            if not self._closing and not self._failing:
-                # Let a burst gather: one commit for many sessions instead of one each
-                # (unless a flush is waiting: a create is answered only once it is written).
-                with suppress(TimeoutError):
-                    async with asyncio.timeout(BATCH_WINDOW):
-                        await self._hurry.wait()
-            self._hurry.clear()
-            self._wakeup.clear()
-            covered = self._queued
-            batch, self._pending = self._pending, {}
-            if batch:
-                self._writing = batch
-                try:
-                    dropped = await asyncio.wait_for(
-                        self._run(self._write_sessions, list(batch.values())),
-                        self._flush_timeout,
-                    )
-                except Exception as exc:
-                    # Newer views that arrived meanwhile win over the batch we failed to write.
-                    self._pending = {**batch, **self._pending}
-                    self._writing = {}
-                    self._write_failed(exc, len(batch), delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._max_backoff)
-                    self._wakeup.set()
-                    continue
-                self._writing = {}
-                delay = self._retry_backoff
-                for session_id, error in dropped:
-                    log.error(
-                        "session view cannot be serialised; dropped",
-                        extra={"session_id": session_id, "error": error},
-                    )
-                if self._failing:
-                    self._failing = False
-                    log.warning("session views are written again", extra={"count": len(batch)})
-            self._written = covered
-            self._answer_flushes()
-            self._check_backlog()
-            self._report_health()
-
-    def _write_failed(self, exc: Exception, count: int, retry_in: float) -> None:
-        extra = {"count": count, "retry_in": retry_in, "error": _describe(exc)}
-        if self._failing:
-            log.error("writing session views failed again; will retry", extra=extra)
-            return
-        self._failing = True
-        log.error("writing session views failed; will retry", extra=extra, exc_info=exc)
-        self._report_health()
-
-    def _answer_flushes(self) -> None:
-        waiting: list[tuple[int, asyncio.Future[None]]] = []
-        for target, done in self._flush_waiters:
-            if done.done():
-                continue  # its caller gave up
-            if target <= self._written:
-                done.set_result(None)
-            else:
-                waiting.append((target, done))
-        self._flush_waiters = waiting
+    async def _write_batch(self, views: list[JsonDict]) -> list[tuple[str, str]]:
+        """`_write_sessions` on the disk thread, within `flush_timeout`: a disk that hangs
+        fails the batch (it is retried) rather than stall the writer."""
+        return await asyncio.wait_for(self._run(self._write_sessions, views), self._flush_timeout)
 
     def _write_sessions(self, views: list[JsonDict]) -> list[tuple[str, str]]:
         """Write the views in one transaction. A view that cannot become a row is left out
@@ -539,7 +380,7 @@ class SqliteStore:
             try:
                 rows.append(_session_row(view))
             except Exception as exc:
-                dropped.append((str(view.get("session_id")), _describe(exc)))
+                dropped.append((str(view.get("session_id")), describe(exc)))
         with self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany(
@@ -561,17 +402,8 @@ def _encode(what: str, value: JsonDict) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError as exc:  # orjson.JSONEncodeError is a TypeError
-        log.error("value cannot be serialised", extra={"operation": what, "error": _describe(exc)})
+        log.error("value cannot be serialised", extra={"operation": what, "error": describe(exc)})
         raise StoreUnavailable(f"the store could not {what}: it cannot be serialised") from None
-
-
-def _describe(exc: BaseException) -> str:
-    """`Type: text` of an exception on one line, for logs; never raises."""
-    try:
-        text = " ".join(str(exc).split())
-    except Exception:
-        text = ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _open_problem(path: Path, exc: OSError | sqlite3.Error) -> str:
@@ -580,7 +412,7 @@ def _open_problem(path: Path, exc: OSError | sqlite3.Error) -> str:
         for folder in (path.parent, *path.parent.parents):
             if folder.exists() and not folder.is_dir():
                 return f"cannot open {path}: {folder} is not a directory"
-        return f"cannot open {path}: {(exc.strerror or _describe(exc)).lower()}"
+        return f"cannot open {path}: {(exc.strerror or describe(exc)).lower()}"
     # The primary code of an extended one; errors raised by the module itself have none.
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
     if code == sqlite3.SQLITE_NOTADB:
@@ -601,4 +433,4 @@ def _open_problem(path: Path, exc: OSError | sqlite3.Error) -> str:
         target, access = (path, os.R_OK | os.W_OK) if path.exists() else (path.parent, os.W_OK)
         if not os.access(target, access):
             return f"cannot open {path}: permission denied"
-    return f"cannot open {path}: {_describe(exc)}"
+    return f"cannot open {path}: {describe(exc)}"

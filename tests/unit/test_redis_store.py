@@ -299,7 +299,11 @@ async def test_a_dead_writer_answers_flush_at_once_and_is_fatal(
 
         die = asyncio.Event()
 
-        async def _write_behind(self) -> None:
+        def __init__(self, url: str, **options: Any) -> None:
+            super().__init__(url, **options)
+            self._views._write_loop = self._write_loop  # type: ignore[method-assign]
+
+        async def _write_loop(self) -> None:
             await self.die.wait()
             raise RuntimeError("a bug in the writer")
 

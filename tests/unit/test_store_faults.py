@@ -127,8 +127,9 @@ class DyingWriter(SqliteStore):
     def __init__(self, path: Path, **options: Any) -> None:
         super().__init__(path, **options)
         self.die = asyncio.Event()
+        self._views._write_loop = self._write_loop  # type: ignore[method-assign]
 
-    async def _write_behind(self) -> None:
+    async def _write_loop(self) -> None:
         await self.die.wait()
         raise RuntimeError("a bug in the writer")
 
