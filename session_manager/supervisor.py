@@ -654,7 +654,17 @@ class Supervisor:
             self.tell(AddSessionService(sid, argument, reply, access))
         else:
             self.tell(RemoveSessionService(sid, argument, reply, access))
-        return reply
+        return self._offload(self._written_then(reply))
+
+    async def _written_then(self, reply: asyncio.Future[JsonDict]) -> JsonDict:
+        """The answer to another process, once the change is written: the asker reads from the
+        store what it was answered."""
+        view = await reply
+        try:
+            await self._store.flush()
+        except ManagerError:
+            log.warning("a change answered to another process is not written yet")
+        return view
 
     def _route_first(self, event: RoomEvent, first: asyncio.Future[bool]) -> None:
         if not first.cancelled() and first.exception() is None and first.result():

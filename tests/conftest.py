@@ -318,8 +318,12 @@ class RedisUnderTest:
         self._paused = False
 
     def start(self, timeout: float = 10.0) -> None:
-        if self._process is not None:
+        """Start the server, or nothing if it runs. Call it from the test's own thread: the
+        server dies with the thread that started it (its parent-death signal is per thread),
+        so one started from a worker thread (asyncio.to_thread) is killed when that thread ends."""
+        if self._process is not None and self._process.poll() is None:
             return
+        self._process = None
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--dir", str(self.workdir), "--save", "", "--appendonly", "no"]
         command += ["--daemonize", "no"]

@@ -247,6 +247,22 @@ async def _stored_before_answered(request: web.Request, created: SessionCreated)
         )
 
 
+async def _readable_everywhere(request: web.Request, session_id: str) -> None:
+    """Several managers on one Redis: the change just answered is written before the answer,
+    so a read on any process right after sees it (it reads from Redis). One process alone
+    reads its own live sessions from memory, and needs no wait."""
+    daemon = request.app[DAEMON]
+    if daemon.cluster is None:
+        return
+    try:
+        await daemon.store.flush(daemon.settings.store_flush_timeout)
+    except ManagerError as exc:
+        log.warning(
+            "change answered before it could be written",
+            extra={"session_id": session_id, "error": exc.message},
+        )
+
+
 @routes.get("/api/v1/sessions")
 async def list_sessions(request: web.Request) -> web.Response:
     query = request.query
@@ -280,6 +296,7 @@ async def delete_session(request: web.Request) -> web.Response:
     view: JsonDict = await _supervisor(request).ask(
         lambda reply: DeleteSession(session_id, reply, access=access_of(request))
     )
+    await _readable_everywhere(request, session_id)
     return json_response(view)
 
 
@@ -290,6 +307,7 @@ async def add_session_service(request: web.Request) -> web.Response:
     view: JsonDict = await _supervisor(request).ask(
         lambda reply: AddSessionService(session_id, body.service, reply, access=access_of(request))
     )
+    await _readable_everywhere(request, session_id)
     return json_response(view)
 
 
@@ -299,6 +317,7 @@ async def remove_session_service(request: web.Request) -> web.Response:
     view: JsonDict = await _supervisor(request).ask(
         lambda reply: RemoveSessionService(session_id, service_id, reply, access=access_of(request))
     )
+    await _readable_everywhere(request, session_id)
     return json_response(view)
 
 

@@ -6,7 +6,8 @@ Any process answers any request. A command for a session another process owns (d
 remove a service) is published with a request id; the owner runs it and publishes the answer for
 the asker. Pub/sub delivers at most once and only to processes listening then, so the asker
 publishes again every `lease_ttl` until it is answered (an owner that died is replaced within
-about a lease) and gives up after a bounded time with a 503.
+about a lease; by the asker itself, maybe, which then runs the command) and gives up after a
+bounded time with a 503.
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ class ClusterBus:
         try:
             async with asyncio.timeout(self._give_up_after):
                 while True:
+                    # The owner may have died and this process adopted the session meanwhile:
+                    # its own commands never come back to it over the bus, so it runs them here.
+                    here = self.run_command(command)
+                    if here is not None:
+                        break
                     await self._publish(message)
                     done, _ = await asyncio.wait([answer], timeout=self._resend_every)
                     if done:
@@ -152,6 +158,11 @@ class ClusterBus:
             ) from None
         finally:
             self._waiting.pop(request_id, None)
+        try:
+            async with asyncio.timeout(COMMAND_ANSWER_TIMEOUT):
+                return await here
+        except TimeoutError:
+            raise Unhealthy("the session did not answer") from None
 
     async def _publish(self, message: JsonDict) -> None:
         try:

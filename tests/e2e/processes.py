@@ -304,8 +304,9 @@ async def stop_everything(manager: ManagerChild) -> set[int]:
 @dataclass
 class ManagerProcesses:
     """Session-managers run one after another with the same command, so on the same port and
-    the same store: a restart, or a crash and a restart. The children a test starts beside them
-    (services) are in the same `children`."""
+    the same store: a restart, or a crash and a restart; or side by side, each on a port of its
+    own (`start(command, alongside=True)`): a cluster on one Redis. The children a test starts
+    beside them (services) are in the same `children`."""
 
     children: Children
     command: list[str]
@@ -318,14 +319,17 @@ class ManagerProcesses:
             raise RuntimeError("no session-manager started yet")
         return self.managers[-1]
 
-    async def start(self) -> ManagerChild:
-        """The next manager (log: session-manager-N.log); the previous one must be gone."""
-        if self.managers and self.current.child.running:
+    async def start(
+        self, command: list[str] | None = None, *, alongside: bool = False
+    ) -> ManagerChild:
+        """The next manager (log: session-manager-N.log), with `command` (default: the one
+        given for them all). The previous one must be gone, unless `alongside`: managers
+        running at once (a cluster on one store), each with a command of its own (its port)."""
+        if not alongside and self.managers and self.current.child.running:
             raise RuntimeError("the previous session-manager is still running")
         name = f"session-manager-{len(self.managers) + 1}"
-        manager = ManagerChild(
-            self.children, await self.children.start(name, self.command, self.cwd)
-        )
+        argv = self.command if command is None else command
+        manager = ManagerChild(self.children, await self.children.start(name, argv, self.cwd))
         self.managers.append(manager)
         return manager
 
