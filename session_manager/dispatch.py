@@ -3,7 +3,9 @@ leave-room and health.
 
 The wire format is fixed by services written for the earlier implementation:
 POST {endpoint}/join-room {session_id, room_name, service_identity, access_token, livekit_url}
-answered by 2xx {success, message, session_id, service_id}.
+answered by 2xx {success, message, session_id, service_id}. Fields were only ever added after
+those five (`session_metadata`, `user_identity`, `user_name`: whose session it is and what it is
+for); services written before them ignore them.
 
 Every call is signed (Standard Webhooks headers, see `session_manager.events.signing`) with the
 secret of the registration it is for, and with the secrets of the other registrations at the
@@ -24,12 +26,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
 
 from session_manager.egress import EndpointGuard, safe_origin
+from session_manager.events.model import JsonDict, has_sensitive_key, scrub
 from session_manager.events.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,10 @@ class JoinRoomRequest:
     service_identity: str
     access_token: str
     livekit_url: str
+    # Added fields: what the session is for (see `service_metadata`) and whose it is.
+    session_metadata: JsonDict = field(default_factory=dict)
+    user_identity: str = ""
+    user_name: str | None = None
 
     def body(self) -> bytes:
         return orjson.dumps(
@@ -58,8 +65,24 @@ class JoinRoomRequest:
                 "service_identity": self.service_identity,
                 "access_token": self.access_token,
                 "livekit_url": self.livekit_url,
+                "session_metadata": self.session_metadata,
+                "user_identity": self.user_identity,
+                "user_name": self.user_name,
             }
         )
+
+
+def service_metadata(metadata: JsonDict) -> JsonDict:
+    """The session's metadata as join-room hands it to a service: the user's create-session
+    `metadata` without the keys (at any depth) that name a credential, by the rule events
+    follow. The call leaves the manager for an endpoint anyone with a `service` key may have
+    registered, and the only credential it is meant to carry is the service's own token."""
+    if not has_sensitive_key(metadata):
+        return metadata
+    removed: list[str] = []
+    kept: JsonDict = scrub(metadata, "", removed)
+    log.debug("credential left out of session_metadata", extra={"keys": ",".join(removed)})
+    return kept
 
 
 @dataclass(frozen=True)

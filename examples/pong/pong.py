@@ -17,11 +17,14 @@ from collections.abc import Sequence
 from livekit import rtc
 
 from session_manager.sdk import (
+    API_KEY_ENV,
     JoinedSession,
     MicroserviceRunner,
     RegistrationError,
     SessionHandler,
+    add_service_arguments,
     configure_logging,
+    runner_options,
 )
 
 logger = logging.getLogger("examples.pong")
@@ -74,30 +77,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pong", description='Microservice that answers b"ping" data packets with b"pong".'
     )
-    parser.add_argument("--service-id", default="pong-service-1")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8001, help="port to listen on (0: any)")
-    parser.add_argument("--manager-url", default="http://127.0.0.1:8080")
-    parser.add_argument(
-        "--advertise-url",
-        default=None,
-        help="URL the manager should call (default: http://HOST:PORT)",
-    )
+    # The SDK's flags (--service-id, --port, --manager-url, --log-level, …), with pong's
+    # defaults; SESSION_MANAGER_URL, when set, is --manager-url's.
+    add_service_arguments(parser, service_id="pong-service-1", port=8001)
     parser.add_argument("--type", default="PONG", help="service type sent in the metadata")
-    parser.add_argument(
-        "--trust-livekit-url",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a LiveKit URL join-room may name besides the one the manager reports (repeatable)",
-    )
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
     args = parser.parse_args(argv)
     # The manager's API key (scope `service`) comes from the environment, not argv, where
     # every user of the machine could read it.
-    args.api_key = os.environ.get("SESSION_MANAGER_API_KEY") or None
+    args.api_key = os.environ.get(API_KEY_ENV) or None
     return args
 
 
@@ -107,13 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = MicroserviceRunner(
         args.service_id,
         PongHandler(),
-        host=args.host,
-        port=args.port,
-        manager_url=args.manager_url,
         metadata={"type": args.type},
-        advertise_url=args.advertise_url,
-        trusted_livekit_urls=args.trust_livekit_url,
         api_key=args.api_key,
+        **runner_options(args),
     )
     try:
         runner.run()

@@ -157,8 +157,16 @@ class LiveKitGateway:
             for info in response.participants
         )
 
-    async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
-        request = api.CreateRoomRequest(name=name, metadata=metadata, empty_timeout=empty_timeout)
+    async def create_room(
+        self, name: str, *, metadata: str, empty_timeout: int, departure_timeout: int = 0
+    ) -> None:
+        """`departure_timeout` 0: LiveKit's own (20 s)."""
+        request = api.CreateRoomRequest(
+            name=name,
+            metadata=metadata,
+            empty_timeout=empty_timeout,
+            departure_timeout=departure_timeout,
+        )
         await self._call("CreateRoom", self._rooms.create_room(request))
 
     async def delete_room(self, name: str) -> None:
@@ -188,9 +196,17 @@ class LiveKitGateway:
         ttl: timedelta,
         name: str | None = None,
         attributes: dict[str, str] | None = None,
+        kind: str | None = None,
     ) -> str:
+        """A participant token for `room_name`; `kind` is LiveKit's participant kind
+        (`tokens.KIND_AGENT` for services), none for a standard participant (the user)."""
         return self._tokens.participant(
-            identity=identity, room_name=room_name, ttl=ttl, name=name, attributes=attributes
+            identity=identity,
+            room_name=room_name,
+            ttl=ttl,
+            name=name,
+            attributes=attributes,
+            kind=kind,
         )
 
     async def _call(self, method: str, call: Awaitable[T]) -> T:

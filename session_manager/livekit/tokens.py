@@ -16,6 +16,10 @@ import jwt
 SERVER_TOKEN_TTL = 600.0
 SERVER_TOKEN_REFRESH = 300.0
 
+# LiveKit's participant kinds, as a token's `kind` claim names them (livekit-api's
+# `AccessToken.with_kind`; livekit-server reads the claim as `ParticipantInfo.Kind`).
+KIND_AGENT = "agent"
+
 
 class TokenMinter:
     def __init__(self, api_key: str, api_secret: str) -> None:
@@ -30,8 +34,10 @@ class TokenMinter:
         ttl: timedelta,
         name: str | None = None,
         attributes: dict[str, str] | None = None,
+        kind: str | None = None,
     ) -> str:
-        """May join `room_name` only; may publish, subscribe and send data."""
+        """May join `room_name` only; may publish, subscribe and send data. `kind`: LiveKit's
+        participant kind (`KIND_AGENT`); none is a standard participant."""
         video = {
             "roomJoin": True,
             "room": room_name,
@@ -44,6 +50,8 @@ class TokenMinter:
             claims["name"] = name
         if attributes:
             claims["attributes"] = attributes
+        if kind:
+            claims["kind"] = kind
         return self._sign(identity, ttl.total_seconds(), claims)
 
     def server(self) -> str:

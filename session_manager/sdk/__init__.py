@@ -1,16 +1,19 @@
 """SDK for writing Session Manager microservices.
 
-A microservice subclasses `SessionHandler` and runs it with `MicroserviceRunner` (or the blocking
-`run_service`). The SDK serves the endpoints the manager calls (join-room, leave-room, health),
-connects to the LiveKit room of each session, registers the service with the manager, and shuts
-everything down cleanly. It acts only on calls the manager signed (Standard Webhooks, with the
-secret of the registration) and joins only the LiveKit servers it trusts (`verification`).
+A microservice is a `SessionHandler` subclass or an ``async def entrypoint(session)`` function,
+run with `MicroserviceRunner` (or the blocking `run_service`, which also reads the command line
+and the environment: see `cli`). The SDK serves the endpoints the manager calls (join-room,
+leave-room, health), connects to the LiveKit room of each session, registers the service with
+the manager, declines sessions beyond its `max_sessions`, and shuts everything down cleanly. It
+acts only on calls the manager signed (Standard Webhooks, with the secret of the registration)
+and joins only the LiveKit servers it trusts (`verification`).
 
 This package is self-contained: it imports nothing from the rest of `session_manager`, so it can
 be vendored into a microservice on its own.
 """
 
-from .handler import JoinedSession, LeaveReason, SessionHandler
+from .cli import API_KEY_ENV, MANAGER_URL_ENV, add_service_arguments, runner_options
+from .handler import Entrypoint, JoinedSession, LeaveReason, SessionHandler
 from .log_format import ExtraFieldsFormatter, configure_logging
 from .registration import Credentials, RegistrationError, RetryBackoff
 from .room_sessions import RoomFactory
@@ -18,8 +21,11 @@ from .runner import MicroserviceRunner, ServiceClosedError, run_service
 from .verification import CallVerifier, TrustedLiveKit
 
 __all__ = [
+    "API_KEY_ENV",
+    "MANAGER_URL_ENV",
     "CallVerifier",
     "Credentials",
+    "Entrypoint",
     "ExtraFieldsFormatter",
     "JoinedSession",
     "LeaveReason",
@@ -30,6 +36,8 @@ __all__ = [
     "ServiceClosedError",
     "SessionHandler",
     "TrustedLiveKit",
+    "add_service_arguments",
     "configure_logging",
     "run_service",
+    "runner_options",
 ]

@@ -1,12 +1,16 @@
-"""What a microservice author implements: one handler object, called once per joined session."""
+"""What a microservice author implements: one handler object, or one entrypoint function, called
+once per joined session."""
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 
 from livekit import rtc
+from pydantic import JsonValue
 
 
 class LeaveReason(StrEnum):
@@ -23,9 +27,19 @@ class LeaveReason(StrEnum):
     ROOM_DISCONNECTED = "room_disconnected"
 
 
+def _no_metadata() -> Mapping[str, JsonValue]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True, slots=True)
 class JoinedSession:
-    """One session the service has joined. The room is connected when `on_join` sees it."""
+    """One session the service has joined. The room is connected when `on_join` sees it.
+
+    `metadata` is the session's metadata as the user gave it at create-session (read-only;
+    keys naming a credential — token, secret, password, authorization — are left out by the
+    manager), `user_identity` and `user_name` whose session it is. A manager older than these
+    fields sends none of them: `metadata` is then empty and `user_identity` None.
+    """
 
     session_id: str
     room_name: str
@@ -33,6 +47,9 @@ class JoinedSession:
     service_identity: str
     livekit_url: str
     room: rtc.Room
+    metadata: Mapping[str, JsonValue] = field(default_factory=_no_metadata)
+    user_identity: str | None = None
+    user_name: str | None = None
 
 
 class SessionHandler(abc.ABC):
@@ -54,3 +71,21 @@ class SessionHandler(abc.ABC):
     async def on_leave(self, session: JoinedSession, reason: str) -> None:  # noqa: B027
         """Runs once per joined session after its `on_join` task has finished and the room is
         disconnected. `reason` is a `LeaveReason` value (see there for room disconnects)."""
+
+
+Entrypoint = Callable[[JoinedSession], Awaitable[None]]
+"""``async def entrypoint(session: JoinedSession) -> None``, the livekit-agents style: given to
+the runner instead of a `SessionHandler`, it is that handler's `on_join` exactly (see there)."""
+
+
+class EntrypointHandler(SessionHandler):
+    """The `SessionHandler` an entrypoint function stands for: its `on_join` is the function,
+    its `on_leave` does nothing."""
+
+    def __init__(self, entrypoint: Entrypoint) -> None:
+        if not callable(entrypoint):
+            raise TypeError("entrypoint must be an async function taking a JoinedSession")
+        self.entrypoint = entrypoint
+
+    async def on_join(self, session: JoinedSession) -> None:
+        await self.entrypoint(session)

@@ -32,6 +32,7 @@ _JOIN_STATUS_HTTP = {
     JoinStatus.ALREADY_JOINED: 200,
     JoinStatus.FAILED: 500,
     JoinStatus.SHUTTING_DOWN: 503,
+    JoinStatus.AT_CAPACITY: 503,  # the manager takes 503 as a decline: it asks another instance
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, SecretStr, StringConstraints
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -27,6 +27,10 @@ class JoinRoomRequest(_InboundPayload):
     # into a log line or an HTTP answer by accident.
     access_token: SecretStr = Field(min_length=1)
     livekit_url: NonEmptyStr
+    # Added after the five above; a manager older than them does not send them.
+    session_metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    user_identity: str | None = None
+    user_name: str | None = None
 
 
 class LeaveRoomRequest(_InboundPayload):

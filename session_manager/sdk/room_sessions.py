@@ -1,4 +1,5 @@
 """The rooms this service is in: joining, leaving, noticing a room that closed, and shutdown.
+A join-room for a new session beyond `max_sessions` is declined.
 
 Each session owns its tasks: the connect task (awaited by every join-room request for that
 session, cancelled by leave-room and shutdown) and the handler's `on_join` task (cancelled and
@@ -13,6 +14,7 @@ import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from livekit import rtc
 
@@ -32,6 +34,7 @@ class JoinStatus(enum.Enum):
     ALREADY_JOINED = "already_joined"
     FAILED = "failed"
     SHUTTING_DOWN = "shutting_down"
+    AT_CAPACITY = "at_capacity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +97,10 @@ class RoomSessions:
         disconnect_timeout: float = 5.0,
         abandoned_connect_timeout: float = 60.0,
         teardown_grace: float = 10.0,
+        max_sessions: int | None = None,
     ) -> None:
         self._service_id = service_id
+        self._max_sessions = max_sessions
         self._handler = handler
         self._room_factory = room_factory
         self._connect_timeout = connect_timeout
@@ -111,6 +116,11 @@ class RoomSessions:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def at_capacity(self) -> bool:
+        """Whether `max_sessions` sessions are joined or being joined already."""
+        return self._max_sessions is not None and len(self._sessions) >= self._max_sessions
+
     def joined_ids(self) -> frozenset[str]:
         return frozenset(
             session_id
@@ -123,6 +133,15 @@ class RoomSessions:
             return JoinOutcome(JoinStatus.SHUTTING_DOWN, "Service is shutting down")
         session = self._sessions.get(request.session_id)
         first_request = session is None
+        if session is None and self.at_capacity:
+            logger.info(
+                "declined a join-room: at capacity",
+                extra={"session_id": request.session_id, "max_sessions": self._max_sessions},
+            )
+            return JoinOutcome(
+                JoinStatus.AT_CAPACITY,
+                f"Service is at capacity (max_sessions {self._max_sessions})",
+            )
         if session is None:
             session = _RoomSession(request)
             self._sessions[request.session_id] = session
@@ -216,6 +235,9 @@ class RoomSessions:
             service_identity=request.service_identity,
             livekit_url=request.livekit_url,
             room=room,
+            metadata=MappingProxyType(dict(request.session_metadata)),
+            user_identity=request.user_identity,
+            user_name=request.user_name,
         )
         session.phase = _Phase.JOINED
         session.handler_task = asyncio.create_task(
@@ -278,6 +300,9 @@ class RoomSessions:
         request = session.rejoin
         if request is None or self._closing or request.session_id in self._sessions:
             return  # nothing asked for it again, or a newer join-room is already at it
+        if self.at_capacity:  # another session took its place meanwhile
+            logger.info("not joining again: at capacity", extra=session.log_fields())
+            return
         logger.info(
             "joining again: the manager asked while the room was dropping us",
             extra=session.log_fields(),

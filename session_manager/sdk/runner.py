@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import enum
 import logging
+import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import aiohttp
 from aiohttp import web
 from livekit import rtc
 from yarl import URL
 
-from .handler import SessionHandler
+from .cli import (
+    DEFAULT_HOST,
+    DEFAULT_MANAGER_URL,
+    add_service_arguments,
+    api_key_from,
+    manager_url_from,
+    runner_options,
+)
+from .handler import Entrypoint, EntrypointHandler, SessionHandler
 from .http_routes import MicroserviceRoutes
+from .log_format import configure_logging
 from .owned_tasks import cancel_and_wait
 from .payloads import RegisterRequest
 from .registration import (
@@ -31,6 +43,16 @@ from .verification import CallVerifier, TrustedLiveKit
 logger = logging.getLogger(__name__)
 
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+MAX_SESSIONS_KEY = "max_sessions"  # in the registration metadata, as the manager reads it
+
+
+class _FromEnvironment(enum.Enum):
+    """A default read from the environment when the runner is made."""
+
+    VALUE = "from the environment"
+
+
+FROM_ENVIRONMENT: Final = _FromEnvironment.VALUE
 
 
 class ServiceClosedError(RuntimeError):
@@ -43,9 +65,16 @@ class MicroserviceRunner:
     Use it as ``async with MicroserviceRunner(...) as runner:`` or call `start()` / `aclose()`;
     `run()` does both around a wait for SIGINT/SIGTERM.
 
-    `manager_url=None` skips registration (for a manager that knows the service otherwise);
-    then `signing_secret` (the `whsec_…` the manager answered when the service was registered)
-    and `trusted_livekit_urls` are required.
+    The service is a `handler` (a `SessionHandler`) or an `entrypoint` function (``async def
+    entrypoint(session: JoinedSession)``, which is that handler's `on_join`), one of the two.
+
+    `manager_url` defaults to `SESSION_MANAGER_URL`, else http://127.0.0.1:8080; `api_key` to
+    `SESSION_MANAGER_API_KEY`. `manager_url=None` skips registration (for a manager that knows
+    the service otherwise); then `signing_secret` (the `whsec_…` the manager answered when the
+    service was registered) and `trusted_livekit_urls` are required.
+    `max_sessions` (else the registration metadata's `max_sessions`) bounds the sessions served
+    at once: a join-room for one more is answered 503, which the manager takes as a decline.
+    Given here, it is also what the registration metadata says.
     `room_factory` makes an unconnected `rtc.Room`; tests inject a fake one.
 
     Only calls the manager signed are acted on (see `verification`): the secret comes from the
@@ -58,12 +87,14 @@ class MicroserviceRunner:
     def __init__(
         self,
         service_id: str,
-        handler: SessionHandler,
+        handler: SessionHandler | None = None,
         *,
+        entrypoint: Entrypoint | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
-        manager_url: str | None = "http://127.0.0.1:8080",
+        manager_url: str | _FromEnvironment | None = FROM_ENVIRONMENT,
         metadata: Mapping[str, Any] | None = None,
+        max_sessions: int | None = None,
         advertise_url: str | None = None,
         connect_timeout: float = 10.0,
         room_factory: RoomFactory | None = None,
@@ -72,10 +103,21 @@ class MicroserviceRunner:
         shutdown_timeout: float = 10.0,
         signing_secret: str | None = None,
         trusted_livekit_urls: Iterable[str] = (),
-        api_key: str | None = None,
+        api_key: str | _FromEnvironment | None = FROM_ENVIRONMENT,
     ) -> None:
         if not service_id:
             raise ValueError("service_id must not be empty")
+        if (handler is None) == (entrypoint is None):
+            raise ValueError("give either a handler or an entrypoint, not both or neither")
+        if handler is None:
+            assert entrypoint is not None
+            handler = EntrypointHandler(entrypoint)
+        if manager_url is FROM_ENVIRONMENT:
+            manager_url = manager_url_from(os.environ, DEFAULT_MANAGER_URL)
+        if api_key is FROM_ENVIRONMENT:
+            api_key = api_key_from(os.environ, None)
+        metadata = dict(metadata or {})
+        max_sessions = _capacity(max_sessions, metadata)
         self._verifier = CallVerifier(signing_secret)
         self._trusted_livekit = TrustedLiveKit(trusted_livekit_urls)
         if manager_url is None and not self._verifier.has_secret:
@@ -91,7 +133,8 @@ class MicroserviceRunner:
         self._host = host
         self._requested_port = port
         self._manager_url = manager_url
-        self._metadata = dict(metadata or {})
+        self._metadata = metadata
+        self._max_sessions = max_sessions
         self._advertise_url = advertise_url.rstrip("/") if advertise_url else None
         self._request_timeout = request_timeout
         self._backoff = registration_backoff or RetryBackoff()
@@ -102,6 +145,7 @@ class MicroserviceRunner:
             room_factory=room_factory or rtc.Room,
             connect_timeout=connect_timeout,
             teardown_grace=shutdown_timeout,
+            max_sessions=max_sessions,
         )
         self._app_runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -139,6 +183,11 @@ class MicroserviceRunner:
     @property
     def registered(self) -> bool:
         return self._registered
+
+    @property
+    def max_sessions(self) -> int | None:
+        """The sessions served at once at most; None: no limit."""
+        return self._max_sessions
 
     async def start(self) -> None:
         """Serve HTTP, then register with the manager, retrying until it accepts.
@@ -307,6 +356,58 @@ class MicroserviceRunner:
         asyncio.run(self.run_until_signal())
 
 
-def run_service(service_id: str, handler: SessionHandler, **options: Any) -> None:
-    """Blocking shortcut for ``MicroserviceRunner(service_id, handler, **options).run()``."""
-    MicroserviceRunner(service_id, handler, **options).run()
+def _capacity(max_sessions: int | None, metadata: dict[str, Any]) -> int | None:
+    """The limit: `max_sessions` when given (written into `metadata`), else the metadata's."""
+    if max_sessions is not None:
+        metadata[MAX_SESSIONS_KEY] = max_sessions
+    limit = metadata.get(MAX_SESSIONS_KEY)
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_sessions must be an integer of 1 or more, not {limit!r}")
+    return limit
+
+
+def run_service(
+    service_id: str | None = None,
+    handler: SessionHandler | None = None,
+    *,
+    entrypoint: Entrypoint | None = None,
+    argv: Sequence[str] | None = None,
+    log_level: str = "INFO",
+    **options: Any,
+) -> None:
+    """Run a service until SIGINT or SIGTERM, configured by its command line: blocking.
+
+    The service is a `handler` or an `entrypoint` function (see `MicroserviceRunner`, which
+    takes `options`). `service_id`, `host`, `port`, `manager_url`, `advertise_url`,
+    `trusted_livekit_urls`, `max_sessions` and `log_level` given here are the defaults of the
+    flags `--service-id`, `--host`, … (`session_manager.sdk.cli`); `SESSION_MANAGER_URL` and
+    `SESSION_MANAGER_API_KEY` override them, and flags override both. `argv` defaults to
+    `sys.argv[1:]`. Logs go to stderr (`configure_logging`) at `--log-level`. Raises
+    RegistrationError when the manager refuses the registration.
+    """
+    parser = argparse.ArgumentParser(description=f"Session Manager service {service_id or ''}")
+    add_service_arguments(
+        parser,
+        service_id=service_id,
+        host=options.pop("host", DEFAULT_HOST),
+        port=options.pop("port", 0),
+        manager_url=options.pop("manager_url", DEFAULT_MANAGER_URL),
+        advertise_url=options.pop("advertise_url", None),
+        trusted_livekit_urls=options.pop("trusted_livekit_urls", ()),
+        max_sessions=options.pop("max_sessions", None),
+        log_level=log_level,
+    )
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    api_key = api_key_from(os.environ, options.pop("api_key", None))
+    runner = MicroserviceRunner(
+        args.service_id,
+        handler,
+        entrypoint=entrypoint,
+        api_key=api_key,
+        **runner_options(args),
+        **options,
+    )
+    runner.run()

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from session_manager.clock import utc_now
-from session_manager.dispatch import JoinRoomRequest
+from session_manager.dispatch import JoinRoomRequest, service_metadata
 from session_manager.errors import (
     Conflict,
     ManagerError,
@@ -31,6 +31,7 @@ from session_manager.errors import (
     Timeout,
 )
 from session_manager.events import EventType
+from session_manager.livekit.tokens import KIND_AGENT
 from session_manager.livekit.webhooks import (
     ROLE_ATTRIBUTE,
     ROLE_CLIENT,
@@ -45,6 +46,7 @@ from session_manager.session.deps import (
     duration_limit,
     mint_client_token,
     room_metadata,
+    room_timeouts,
     token_ttl,
 )
 from session_manager.session.messages import (
@@ -354,8 +356,12 @@ class SessionActor:
             await self._terminate(f"session could not be stored: {exc.message}", exc)
             return
         try:
+            empty_timeout, departure_timeout = room_timeouts(self._deps)
             await self._deps.gateway.create_room(
-                record.room_name, metadata=metadata, empty_timeout=self._deps.room_empty_timeout
+                record.room_name,
+                metadata=metadata,
+                empty_timeout=empty_timeout,
+                departure_timeout=departure_timeout,
             )
         except ManagerError as exc:
             await self._terminate(f"LiveKit room could not be created: {exc.message}", exc)
@@ -388,11 +394,13 @@ class SessionActor:
         if in_flight is not None and in_flight[0] == slot.service_id:
             return  # never two join-room calls for one instance in one session
         record = self.record
+        # Recognised in webhooks by these attributes; shown as an agent to LiveKit's clients.
         token = self._deps.gateway.mint_token(
             identity=slot.service_id,
             room_name=record.room_name,
             ttl=self._token_ttl,
             attributes={ROLE_ATTRIBUTE: ROLE_SERVICE, SESSION_ATTRIBUTE: record.session_id},
+            kind=KIND_AGENT,
         )
         request = JoinRoomRequest(
             session_id=record.session_id,
@@ -400,6 +408,9 @@ class SessionActor:
             service_identity=slot.service_id,
             access_token=token,
             livekit_url=self._deps.gateway.endpoint.public_url,
+            session_metadata=service_metadata(record.metadata),
+            user_identity=record.user_identity,
+            user_name=record.user_name,
         )
         slot.dispatched_at = utc_now()
         log.debug("dispatching service", extra=self._log_extra(service_id=slot.service_id))

@@ -4,6 +4,7 @@ user's token. Shared by the actor, the supervisor (idempotent replays) and the t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -84,6 +85,21 @@ def created_by(metadata: str) -> str | None:
 def room_session(metadata: str) -> str | None:
     """The session a room of ours was created for, from its metadata."""
     return _room_field(metadata, "session_id")
+
+
+# Seconds LiveKit keeps a room past the manager's own deadline for the user, so that the
+# manager, not LiveKit, ends the session, with its reason.
+ROOM_CLOSE_MARGIN = 30
+
+
+def room_timeouts(deps: SessionDeps) -> tuple[int, int]:
+    """A session's room's (empty_timeout, departure_timeout). Services join as LiveKit agents,
+    and LiveKit closes a room where only agents are: `empty_timeout` after its creation when
+    no user joined yet, `departure_timeout` (20 s by default) after the last one left. Both
+    are set to outlast the manager's `client_join_timeout` and `client_reconnect_grace`."""
+    empty = max(deps.room_empty_timeout, math.ceil(deps.client_join_timeout) + ROOM_CLOSE_MARGIN)
+    departure = math.ceil(deps.client_reconnect_grace) + ROOM_CLOSE_MARGIN
+    return empty, departure
 
 
 def token_ttl(deps: SessionDeps, metadata: JsonDict) -> timedelta:

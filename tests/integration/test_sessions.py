@@ -201,13 +201,23 @@ async def test_join_room_payload_follows_the_contract(
             "service_identity",
             "access_token",
             "livekit_url",
+            # added after the earlier implementation's five (issue 11)
+            "session_metadata",
+            "user_identity",
+            "user_name",
         }
+        assert (join["session_metadata"], join["user_identity"], join["user_name"]) == (
+            {},
+            "erin",
+            None,
+        )
         assert join["session_id"] == body["session_id"]
         assert join["room_name"] == body["room_name"]
         assert join["service_identity"] == "asr-contract"
         assert join["livekit_url"] == livekit.url
         claims = api.TokenVerifier(livekit.api_key, livekit.api_secret).verify(join["access_token"])
         assert claims.identity == "asr-contract"
+        assert claims.kind == "agent"
         assert claims.video is not None and claims.video.room == body["room_name"]
 
 

@@ -49,7 +49,9 @@ class FakeGateway:
     # room name -> who LiveKit says is in it (for a manager that takes a room over)
     participants: dict[str, list[RoomEvent]] = field(default_factory=dict)
 
-    async def create_room(self, name: str, *, metadata: str, empty_timeout: int) -> None:
+    async def create_room(
+        self, name: str, *, metadata: str, empty_timeout: int, departure_timeout: int = 0
+    ) -> None:
         if self.fail_create is not None:
             raise self.fail_create
         self.rooms.add(name)

@@ -93,6 +93,10 @@ async def test_success_sends_the_contract_payload(
         "service_identity": "asr-1",
         "access_token": "secret-token",
         "livekit_url": "ws://127.0.0.1:7880",
+        # added after the five of the earlier implementation (tests/unit/test_join_room_context.py)
+        "session_metadata": {},
+        "user_identity": "",
+        "user_name": None,
     }
 
 

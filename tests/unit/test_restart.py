@@ -300,9 +300,16 @@ async def test_a_session_is_stored_before_its_room_is_created(
     async def persist(record: SessionRecord) -> None:
         order.append("stored")
 
-    async def create_room_logged(name: str, *, metadata: str, empty_timeout: int) -> None:
+    async def create_room_logged(
+        name: str, *, metadata: str, empty_timeout: int, departure_timeout: int = 0
+    ) -> None:
         order.append("room")
-        await create_room(name, metadata=metadata, empty_timeout=empty_timeout)
+        await create_room(
+            name,
+            metadata=metadata,
+            empty_timeout=empty_timeout,
+            departure_timeout=departure_timeout,
+        )
 
     gateway.create_room = create_room_logged  # type: ignore[method-assign]
     harness = await make_harness(gateway=gateway, persist=persist)
