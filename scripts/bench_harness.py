@@ -1,6 +1,7 @@
 """What the benchmark scripts beside this file share: their client event loop and main, free
-loopback ports, child processes (started in their own session, waited for on an HTTP probe,
-stopped on the way out), /proc readings, percentiles and facts about the machine.
+loopback ports, child processes (started in their own session, waited for on an HTTP probe or
+one of the caller's, stopped on the way out), /proc readings, percentiles and facts about the
+machine.
 
 The scripts import it as a sibling (`import bench_harness`): a script's own folder is the first
 entry of sys.path when it runs as `.venv/bin/python scripts/<name>.py`.
@@ -119,6 +120,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine (the kernel's own work included) has used since
+    boot, summed over the cores: the first line of /proc/stat without idle and iowait."""
+    first_line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    # cpu user nice system idle iowait irq softirq steal (guest time is counted in user)
+    ticks = [int(value) for value in first_line.split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
 def child_pids(pid: int) -> list[int]:
     """Processes whose parent is `pid` (scanning /proc: `children` files may be missing)."""
     found = []
@@ -211,17 +221,35 @@ async def wait_until_up(
     process: Process, name: str, probe_url: str, timeout: float, interval: float
 ) -> None:
     """Poll `probe_url` every `interval` s until it answers 200; fail early if the process dies."""
-    deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-        while time.monotonic() < deadline:
-            if process.returncode is not None:
-                raise RuntimeError(f"{name} exited with code {process.returncode} at start")
+
+        async def answers() -> bool:
             with suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(probe_url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(interval)
-    raise RuntimeError(f"{name} did not answer {probe_url} within {timeout}s")
+                    return response.status == 200
+            return False
+
+        await wait_until_ready(process, name, answers, probe_url, timeout, interval)
+
+
+async def wait_until_ready(
+    process: Process,
+    name: str,
+    probe: Callable[[], Awaitable[bool]],
+    what: str,
+    timeout: float,
+    interval: float,
+) -> None:
+    """Call `probe` every `interval` s until it says True; fail early if the process dies.
+    `what` names what is probed in the error."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode} at start")
+        if await probe():
+            return
+        await asyncio.sleep(interval)
+    raise RuntimeError(f"{name} did not answer {what} within {timeout}s")
 
 
 async def stop_process(process: Process, name: str, timeout: float) -> None:
@@ -254,21 +282,29 @@ async def running_process(
     *,
     cwd: Path,
     env: dict[str, str] | None,
-    probe_url: str,
+    probe_url: str | None = None,
     start_timeout: float,
     stop_timeout: float,
     probe_interval: float = 0.05,
     reap_children: bool = False,
+    probe: tuple[Callable[[], Awaitable[bool]], str] | None = None,
 ) -> AsyncIterator[Process]:
-    """A child in its own session, its output in `cwd/<name>.log`, up once `probe_url` answers,
-    stopped on the way out whatever happens (its log's last lines printed if it failed to start
-    or died). With `reap_children`, the children it has when it is to stop and that outlive it
-    (it was killed before it could stop them) are killed too."""
+    """A child in its own session, its output in `cwd/<name>.log`, up once `probe_url` answers
+    200 (or, for a server that speaks no HTTP, once `probe`'s function says True; its string
+    names what it probes), stopped on the way out whatever happens (its log's last lines
+    printed if it failed to start or died). With `reap_children`, the children it has when it
+    is to stop and that outlive it (it was killed before it could stop them) are killed too."""
+    if (probe_url is None) == (probe is None):
+        raise ValueError("give exactly one of probe_url and probe")
     log_path = cwd / f"{name}.log"
     process = await spawn(command, cwd=cwd, env=env, log_path=log_path)
     up = False
     try:
-        await wait_until_up(process, name, probe_url, start_timeout, probe_interval)
+        if probe_url is not None:
+            await wait_until_up(process, name, probe_url, start_timeout, probe_interval)
+        elif probe is not None:
+            ready, what = probe
+            await wait_until_ready(process, name, ready, what, start_timeout, probe_interval)
         up = True
         yield process
     finally:
