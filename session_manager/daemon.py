@@ -24,7 +24,7 @@ from session_manager.dispatch import DispatchPolicy, MicroserviceClient
 from session_manager.egress import EndpointAllow, EndpointGuard
 from session_manager.errors import ManagerError, StartupFailed
 from session_manager.events import EventLog, OutboundWebhooks, WebhookPolicy, WebhookTarget
-from session_manager.health_board import STORE, SUPERVISOR, HealthBoard, Problem
+from session_manager.health_board import CLUSTER, STORE, SUPERVISOR, HealthBoard, Problem
 from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, make_endpoint
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
 from session_manager.livekit.watch import LiveKitWatch
@@ -331,6 +331,7 @@ class Daemon:
             lease_ttl=settings.lease_ttl,
             timeout=settings.redis_timeout,
             board=self.board,
+            on_fatal=lambda reason: self.fail(CLUSTER, reason),
         )
         try:
             self._cluster_adopted = await cluster.start()

@@ -28,7 +28,7 @@ from session_manager.commands import Access
 from session_manager.errors import ManagerError, StoreUnavailable, Unhealthy
 from session_manager.livekit.webhooks import RoomEvent
 from session_manager.session.record import JsonDict
-from session_manager.supervision import cancel_and_wait
+from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ class ClusterBus:
         timeout: float,
         resend_every: float,
         give_up_after: float,
+        on_fatal: Callable[[str], None] = lambda reason: None,
     ) -> None:
+        self._on_fatal = on_fatal
         self._redis = redis
         self._channel = f"{prefix}bus"
         self.node_id = node_id
@@ -88,6 +90,7 @@ class ClusterBus:
 
     async def start(self, timeout: float) -> None:
         self._listener = asyncio.create_task(self._listen(), name="cluster-bus")
+        watch(self._listener, self._listener_died)
         try:
             async with asyncio.timeout(timeout):
                 await self._listening.wait()
@@ -101,6 +104,14 @@ class ClusterBus:
                 waiter.set_exception(Unhealthy("the session manager is shutting down"))
         await cancel_and_wait([*self._tasks, *([self._listener] if self._listener else [])])
         self._listener = None
+
+    def _listener_died(self, error: BaseException | None) -> None:
+        """The loop that hears the other processes is gone (a bug: Redis errors are retried):
+        whoever waits for an answer is told now, and the process exits (crash-only)."""
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(Unhealthy("the cluster bus stopped"))
+        self._on_fatal(f"cluster bus loop ended: {type(error).__name__ if error else 'returned'}")
 
     # sending ----------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class ClusterNode:
         lease_ttl: float,
         timeout: float,
         board: HealthBoard | None = None,
+        on_fatal: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self._board = board or HealthBoard()
         self._redis = redis
@@ -67,6 +68,7 @@ class ClusterNode:
             timeout=timeout,
             resend_every=lease_ttl,
             give_up_after=3 * lease_ttl + 2 * timeout,
+            on_fatal=on_fatal,
         )
         self._keeper = Periodic("cluster-keeper", self._keep, interval=lease_ttl / 5, jitter=0.1)
         self.leads_health_checks = False  # this process makes the cluster's health checks
