@@ -3,6 +3,7 @@ gauges and counters do not need a client library)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from session_manager.daemon import Daemon
@@ -15,8 +16,21 @@ def _family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> 
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
     for labels, value in samples:
         label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-        lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+        text = _number(value)
+        lines.append(f"{name}{{{label_text}}} {text}" if labels else f"{name} {text}")
     return lines
+
+
+def _number(value: float) -> str:
+    """Exact at any size: a count is written as the integer it is (`:g` wrote 1234567 as
+    1.23457e+06), any other value as the shortest text that reads back the same float."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def _escape(value: str) -> str:
