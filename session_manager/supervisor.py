@@ -102,7 +102,7 @@ from session_manager.session.messages import (
     Terminate,
     settle,
 )
-from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
+from session_manager.session.record import AGENT_PREFIX, JsonDict, ServiceSlot, SessionRecord
 from session_manager.session.states import LIVE_STATUSES, SessionStatus
 from session_manager.store.base import Store
 from session_manager.supervision import cancel_and_wait, watch
@@ -836,10 +836,18 @@ class Supervisor:
             user_name=spec.user_name,
             metadata=spec.metadata,
             services={
-                requirement: ServiceSlot(
-                    requirement, record.service_id, record.endpoint, record.service_type
-                )
-                for requirement, record in chosen.items()
+                **{
+                    requirement: ServiceSlot(
+                        requirement, record.service_id, record.endpoint, record.service_type
+                    )
+                    for requirement, record in chosen.items()
+                },
+                # An agent's slot: its requirement is its id; LiveKit picks the worker.
+                **{
+                    requirement: ServiceSlot(requirement, requirement, endpoint="")
+                    for requirement in dict.fromkeys(spec.required_services or ())
+                    if requirement.startswith(AGENT_PREFIX)
+                },
             },
             owner=spec.owner,
         )
@@ -877,6 +885,10 @@ class Supervisor:
             raise InvalidRequest(
                 f"user_identity: {user_identity} is also a required service's identity"
             )
+        if AGENT_PREFIX in required:
+            raise InvalidRequest("agent: needs an agent name (agent:NAME)")
+        # "agent:NAME" is LiveKit's business (a dispatch): nothing to choose here.
+        required = [r for r in required if not r.startswith(AGENT_PREFIX)]
         unknown = [
             r for r in required if not r.startswith("type:") and self._registry.find(r) is None
         ]

@@ -67,6 +67,7 @@ class LiveKitGateway:
         self._api: api.LiveKitAPI | None = None
         self._api_renew_at = 0.0
         self._admin: api.room_service.RoomService | None = None
+        self._dispatcher: api.agent_dispatch_service.AgentDispatchService | None = None
 
     async def start(self) -> None:
         self._http = aiohttp.ClientSession(
@@ -91,6 +92,7 @@ class LiveKitGateway:
     async def aclose(self) -> None:
         self._api = None  # it borrows our HTTP session: nothing of its own to close
         self._admin = None
+        self._dispatcher = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -153,7 +155,13 @@ class LiveKitGateway:
                 raise
             return None
         return tuple(
-            participant_present(room, info.identity, info.sid, dict(info.attributes))
+            participant_present(
+                room,
+                info.identity,
+                info.sid,
+                dict(info.attributes),
+                api.ParticipantInfo.Kind.Name(info.kind),
+            )
             for info in response.participants
         )
 
@@ -187,6 +195,44 @@ class LiveKitGateway:
         except LiveKitRefused as exc:
             if exc.livekit_code != api.ServerErrorCode.NOT_FOUND:
                 raise
+
+    async def create_dispatch(self, room: str, agent_name: str, metadata: str) -> str:
+        """Ask LiveKit to hand a job for `room` to a livekit-agents worker registered as
+        `agent_name`; returns the dispatch's id. LiveKit accepts it even when no such worker
+        is connected: nothing joins then."""
+        request = api.CreateAgentDispatchRequest(
+            agent_name=agent_name, room=room, metadata=metadata
+        )
+        dispatch = await self._call(
+            "CreateDispatch", self._dispatch_admin().create_dispatch(request)
+        )
+        return str(dispatch.id)
+
+    async def delete_dispatch(self, dispatch_id: str, room: str) -> None:
+        """Withdraw a dispatch (LiveKit ends its job: the agent leaves); one that, or whose
+        room, is already gone counts as deleted."""
+        try:
+            await self._call(
+                "DeleteDispatch", self._dispatch_admin().delete_dispatch(dispatch_id, room)
+            )
+        except LiveKitRefused as exc:
+            if exc.livekit_code != api.ServerErrorCode.NOT_FOUND:
+                raise
+
+    def _dispatch_admin(self) -> api.agent_dispatch_service.AgentDispatchService:
+        """Agent dispatch needs room-admin rights naming the room, as RemoveParticipant does:
+        this client signs a token per call."""
+        if self._http is None:
+            raise RuntimeError("LiveKitGateway used before start()")
+        if self._dispatcher is None:
+            self._dispatcher = api.agent_dispatch_service.AgentDispatchService(
+                self._http,
+                self.endpoint.api_url,
+                self.endpoint.api_key,
+                self.endpoint.api_secret,
+                failover=False,
+            )
+        return self._dispatcher
 
     def mint_token(
         self,

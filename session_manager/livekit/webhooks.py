@@ -17,6 +17,13 @@ ROLE_ATTRIBUTE: Final = "session_manager.role"
 SESSION_ATTRIBUTE: Final = "session_manager.session_id"
 ROLE_CLIENT: Final = "client"
 ROLE_SERVICE: Final = "service"
+# A livekit-agents worker's participant: LiveKit's kind AGENT, none of our attributes, and the
+# agent name livekit-agents puts in its attributes (the server adds the second spelling; seen
+# on livekit-server v1.13.5 with livekit-agents 1.8.9). Its identity (`agent-AJ_…`, the job's
+# id) is chosen by the framework, so it is never what recognises it.
+ROLE_AGENT: Final = "agent"
+KIND_AGENT: Final = "AGENT"
+AGENT_NAME_ATTRIBUTES: Final = ("lk.agent.name", "lk.agent_name")
 
 
 class WebhookRejected(Exception):
@@ -35,10 +42,22 @@ class RoomEvent:
     participant_sid: str = ""  # one connection of `identity`: a reconnect gets a new one
     role: str | None = None
     attributes: dict[str, str] = field(default_factory=dict)
+    participant_kind: str = ""  # LiveKit's ParticipantInfo.Kind by name: STANDARD, AGENT, ...
+
+    @property
+    def agent_name(self) -> str | None:
+        """The agent name of a livekit-agents worker's participant; None for anyone else (our
+        own services are of kind AGENT too, but carry our role attribute)."""
+        if self.participant_kind != KIND_AGENT or ROLE_ATTRIBUTE in self.attributes:
+            return None
+        for key in AGENT_NAME_ATTRIBUTES:
+            if self.attributes.get(key):
+                return self.attributes[key]
+        return None
 
 
 def participant_present(
-    room_name: str, identity: str, sid: str, attributes: dict[str, str]
+    room_name: str, identity: str, sid: str, attributes: dict[str, str], kind: str = ""
 ) -> RoomEvent:
     """A participant found in a room by asking LiveKit (not by a webhook), as the
     participant_joined event that would have announced it."""
@@ -49,6 +68,7 @@ def participant_present(
         participant_sid=sid,
         role=attributes.get(ROLE_ATTRIBUTE),
         attributes=attributes,
+        participant_kind=kind,
     )
 
 
@@ -124,4 +144,5 @@ def _room_event(payload: dict[str, Any]) -> RoomEvent:
         participant_sid=str(participant.get("sid") or ""),
         role=attributes.get(ROLE_ATTRIBUTE),
         attributes=attributes,
+        participant_kind=str(participant.get("kind") or "") if identity else "",
     )

@@ -18,10 +18,13 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from session_manager.clock import utc_now
 from session_manager.dispatch import JoinRoomRequest, service_metadata
 from session_manager.errors import (
     Conflict,
+    InvalidRequest,
     ManagerError,
     MicroserviceUnavailable,
     NoCapacity,
@@ -33,6 +36,7 @@ from session_manager.errors import (
 from session_manager.events import EventType
 from session_manager.livekit.tokens import KIND_AGENT
 from session_manager.livekit.webhooks import (
+    ROLE_AGENT,
     ROLE_ATTRIBUTE,
     ROLE_CLIENT,
     ROLE_SERVICE,
@@ -52,6 +56,7 @@ from session_manager.session.deps import (
 from session_manager.session.messages import (
     AddService,
     Adopt,
+    AgentDispatchFinished,
     ClientGraceExpired,
     ClientJoinDeadlinePassed,
     CreateOptions,
@@ -69,7 +74,7 @@ from session_manager.session.messages import (
     WaitDeadlinePassed,
     settle,
 )
-from session_manager.session.record import JsonDict, ServiceSlot, SessionRecord
+from session_manager.session.record import AGENT_PREFIX, JsonDict, ServiceSlot, SessionRecord
 from session_manager.session.states import (
     ENDING,
     TABLE,
@@ -216,11 +221,23 @@ class SessionActor:
     # timers and requests ---------------------------------------------------------------------
 
     async def _on_join_deadline(self, _: JoinDeadlinePassed) -> None:
-        await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
+        await self._terminate(self._join_timeout_reason(), Timeout(JOIN_TIMEOUT_MESSAGE))
 
     async def _on_wait_deadline(self, _: WaitDeadlinePassed) -> None:
         if self._options.wait_until_ready and self._create_reply is not None:
-            await self._terminate(JOIN_TIMEOUT_MESSAGE, Timeout(JOIN_TIMEOUT_MESSAGE))
+            await self._terminate(self._join_timeout_reason(), Timeout(JOIN_TIMEOUT_MESSAGE))
+
+    def _join_timeout_reason(self) -> str:
+        """The timeout's reason; when agents are missing, it names them: LiveKit accepts a
+        dispatch with no worker of that name connected, so their absence is known only now."""
+        missing = [
+            slot.agent_name
+            for slot in self.record.services.values()
+            if slot.agent_name is not None and slot.state is not ServiceState.JOINED
+        ]
+        if not missing:
+            return JOIN_TIMEOUT_MESSAGE
+        return f"{JOIN_TIMEOUT_MESSAGE}: no agent worker {', '.join(missing)} joined"
 
     async def _on_duration_limit(self, _: DurationLimitReached) -> None:
         limit = duration_limit(self.record.metadata)
@@ -316,14 +333,21 @@ class SessionActor:
         elif record.client_present:
             self._on_client(self._left(record.user_identity, ROLE_CLIENT), joined=False)
         for slot in list(record.services.values()):
-            here = present.get(slot.service_id)
-            if here is not None and self._role_of(here) == ROLE_SERVICE:
+            if slot.agent_name is not None:  # its identity is LiveKit's choice: by its attributes
+                here = next((e for e in participants if self._agent_slot(e) is slot), None)
+            else:
+                here = present.get(slot.service_id)
+                if here is not None and self._role_of(here) != ROLE_SERVICE:
+                    here = None
+            if here is not None:
                 if slot.state is ServiceState.JOINED:
                     slot.participant_sid = here.participant_sid or None
                 else:
                     await self._on_service(slot, here, joined=True)
             elif slot.state is ServiceState.JOINED:
                 await self._on_service(slot, self._left(slot.service_id, ROLE_SERVICE), False)
+            elif slot.agent_name is not None and slot.dispatch_id is not None:
+                pass  # LiveKit keeps the dispatch it accepted: its agent may still come
             else:
                 # Its join-room call may have been lost with the previous process: ask again
                 # (a service already joining answers "already in room", which counts as yes).
@@ -393,6 +417,9 @@ class SessionActor:
         in_flight = self._dispatching.get(slot.requirement)
         if in_flight is not None and in_flight[0] == slot.service_id:
             return  # never two join-room calls for one instance in one session
+        if slot.agent_name is not None:
+            self._dispatch_agent(slot, slot.agent_name)
+            return
         record = self.record
         # Recognised in webhooks by these attributes; shown as an agent to LiveKit's clients.
         token = self._deps.gateway.mint_token(
@@ -423,6 +450,84 @@ class SessionActor:
         )
         task = self._spawn(self._join_room(slot.requirement, slot.endpoint, request))
         self._dispatching[slot.requirement] = (slot.service_id, task)
+
+    def _dispatch_agent(self, slot: ServiceSlot, agent_name: str) -> None:
+        """Ask LiveKit to dispatch a livekit-agents worker named `agent_name` to the room. Its
+        job's metadata is what a join-room carries about the session, as JSON."""
+        record = self.record
+        metadata = orjson.dumps(
+            {
+                "session_id": record.session_id,
+                "room_name": record.room_name,
+                "session_metadata": service_metadata(record.metadata),
+                "user_identity": record.user_identity,
+                "user_name": record.user_name,
+            }
+        ).decode()
+        slot.dispatched_at = utc_now()
+        log.debug("dispatching agent", extra=self._log_extra(agent_name=agent_name))
+        self._emit(
+            EventType.MICROSERVICE_DISPATCHED,
+            service_id=slot.service_id,
+            requirement=slot.requirement,
+            agent_name=agent_name,
+            redispatches=slot.redispatches,
+        )
+        task = self._spawn(self._create_dispatch(slot.requirement, agent_name, metadata))
+        self._dispatching[slot.requirement] = (slot.service_id, task)
+
+    async def _create_dispatch(self, requirement: str, agent_name: str, metadata: str) -> None:
+        gateway = self._deps.gateway
+        try:
+            dispatch_id = await gateway.create_dispatch(self.record.room_name, agent_name, metadata)
+        except ManagerError as exc:
+            self.tell(AgentDispatchFinished(requirement, None, exc.message))
+        else:
+            self.tell(AgentDispatchFinished(requirement, dispatch_id))
+
+    async def _on_agent_dispatch_finished(self, message: AgentDispatchFinished) -> None:
+        requirement = message.requirement
+        slot = self.record.services.get(requirement)
+        self._dispatching.pop(requirement, None)
+        if slot is None or slot.agent_name is None:  # removed while LiveKit was asked
+            if message.dispatch_id is not None:
+                self._spawn(self._delete_dispatch(message.dispatch_id))
+            return
+        slot.attempts += 1
+        slot.answered_at = utc_now()
+        if message.dispatch_id is not None:
+            slot.dispatch_id = message.dispatch_id
+            if slot.state is ServiceState.PENDING:
+                slot.state = ServiceState.DISPATCHED
+            log.debug(
+                "agent dispatched",
+                extra=self._log_extra(requirement=requirement, dispatch_id=message.dispatch_id),
+            )
+        else:
+            slot.state, slot.error = ServiceState.FAILED, message.error
+            log.warning(
+                "agent dispatch failed",
+                extra=self._log_extra(requirement=requirement, error=message.error),
+            )
+            self._emit(
+                EventType.MICROSERVICE_DISPATCH_FAILED,
+                service_id=slot.service_id,
+                requirement=requirement,
+                error=message.error,
+                declined=False,
+                attempts=1,
+            )
+            await self._replace(slot, message.error or "dispatch failed")
+        self._answer_once_dispatched()
+
+    async def _delete_dispatch(self, dispatch_id: str) -> None:
+        try:
+            await self._deps.gateway.delete_dispatch(dispatch_id, self.record.room_name)
+        except ManagerError as exc:
+            log.info(
+                "agent dispatch could not be deleted",
+                extra=self._log_extra(dispatch_id=dispatch_id, error=exc.message),
+            )
 
     def _stop_dispatch(self, requirement: str) -> None:
         """The slot's instance was replaced or removed: its join-room call still out is of no
@@ -501,6 +606,9 @@ class SessionActor:
         again — the same instance once, then another of the same type — or end the session."""
         if self.record.status in (S.TERMINATING, S.TERMINATED):
             return
+        if slot.agent_name is not None:
+            await self._redispatch_agent(slot, reason)
+            return
         failed = slot.service_id
         registry = self._deps.registry
         in_use = {s.service_id for s in self.record.services.values() if s is not slot}
@@ -533,6 +641,24 @@ class SessionActor:
         )
         self._fill(slot, chosen)
 
+    async def _redispatch_agent(self, slot: ServiceSlot, reason: str) -> None:
+        """An agent's slot lost its agent (or its dispatch failed): a new dispatch for the same
+        name, which LiveKit hands to any connected worker of it, or the end of the session."""
+        if slot.redispatches >= self._deps.max_redispatch:
+            message = (
+                f"microservice {slot.requirement} could not join: {reason} "
+                f"(gave up after {slot.redispatches} redispatches)"
+            )
+            await self._terminate(message, MicroserviceUnavailable(message))
+            return
+        slot.redispatches += 1
+        if slot.dispatch_id is not None:  # its job is over: the old dispatch goes too
+            self._spawn(self._delete_dispatch(slot.dispatch_id))
+        log.info("redispatching agent", extra=self._log_extra(requirement=slot.requirement))
+        self._stop_dispatch(slot.requirement)
+        slot.assign(slot.service_id, "", None)
+        self._wait_for(slot)
+
     def _fill(self, slot: ServiceSlot, chosen: ServiceRecord) -> None:
         """Put `chosen` in the slot and dispatch it; the session waits for it to join."""
         if chosen.service_id != slot.service_id:
@@ -540,8 +666,12 @@ class SessionActor:
             if slot.service_id:  # an empty id: a new slot, nothing to give back
                 self._deps.registry.release(slot.service_id, self.session_id)
             self._deps.registry.acquire(chosen.service_id, self.session_id)
-        self.record.services[slot.requirement] = slot
         slot.assign(chosen.service_id, chosen.endpoint, chosen.service_type)
+        self._wait_for(slot)
+
+    def _wait_for(self, slot: ServiceSlot) -> None:
+        """Dispatch the slot's (new) occupant; the session waits for it to join."""
+        self.record.services[slot.requirement] = slot
         if self.record.status in (S.READY, S.ACTIVE):
             self._set_status(S.WAITING_FOR_SERVICES)
         if JoinDeadlinePassed not in self._timers:
@@ -559,6 +689,11 @@ class SessionActor:
         in_use = {slot.service_id for slot in record.services.values()}
         if requirement == record.user_identity:
             raise Conflict(f"{requirement} is the user's identity in this session")
+        if requirement.startswith(AGENT_PREFIX):
+            if requirement == AGENT_PREFIX:
+                raise InvalidRequest("agent: needs an agent name (agent:NAME)")
+            self._wait_for(ServiceSlot(requirement, service_id=requirement, endpoint=""))
+            return
         chosen = self._deps.registry.choose(requirement, exclude={*in_use, record.user_identity})
         if chosen.service_id in in_use:
             raise Conflict(f"{chosen.service_id} is already part of this session")
@@ -577,6 +712,12 @@ class SessionActor:
         self._answer_once_dispatched()
 
     async def _leave_room(self, slot: ServiceSlot) -> None:
+        """Send the slot's occupant away: leave-room to a service; an agent's dispatch is
+        deleted (LiveKit ends its job and the agent leaves)."""
+        if slot.agent_name is not None:
+            if slot.dispatch_id is not None:
+                await self._delete_dispatch(slot.dispatch_id)
+            return
         error = await self._deps.microservices.leave_room(
             slot.endpoint, self.session_id, self.record.room_name, service_id=slot.service_id
         )
@@ -602,8 +743,12 @@ class SessionActor:
         if role == ROLE_CLIENT:
             if not self._on_client(event, joined):
                 return
-        elif role == ROLE_SERVICE:
-            slot = self.record.slot_of(event.identity)
+        elif role in (ROLE_SERVICE, ROLE_AGENT):
+            slot = (
+                self.record.slot_of(event.identity)
+                if role == ROLE_SERVICE
+                else self._agent_slot(event)
+            )
             assert slot is not None  # _role_of checked it
             if not await self._on_service(slot, event, joined):
                 return
@@ -742,14 +887,27 @@ class SessionActor:
         identity = event.identity
         if event.attributes.get(SESSION_ATTRIBUTE) not in (None, self.session_id):
             return None
-        if (
-            event.role == ROLE_SERVICE
-            and identity is not None
-            and self.record.slot_of(identity) is not None
-        ):
+        slot = self.record.slot_of(identity) if identity is not None else None
+        if event.role == ROLE_SERVICE and slot is not None and slot.agent_name is None:
             return ROLE_SERVICE
         if event.role == ROLE_CLIENT and identity == self.record.user_identity:
             return ROLE_CLIENT
+        if self._agent_slot(event) is not None:
+            return ROLE_AGENT
+        return None
+
+    def _agent_slot(self, event: RoomEvent) -> ServiceSlot | None:
+        """The `agent:NAME` slot a livekit-agents participant fills: LiveKit's kind AGENT,
+        none of our attributes, and the agent name the job's attributes carry (one slot per
+        name in a session). A leave that lacks them is matched by its connection."""
+        name = event.agent_name
+        if name is not None:
+            slot = self.record.services.get(AGENT_PREFIX + name)
+            return slot if slot is not None and slot.agent_name == name else None
+        if event.kind == "participant_left" and event.participant_sid:
+            for slot in self.record.services.values():
+                if slot.agent_name is not None and slot.participant_sid == event.participant_sid:
+                    return slot
         return None
 
     def _advance(self) -> None:

@@ -68,6 +68,15 @@ class DispatchFinished:
 
 
 @dataclass(frozen=True)
+class AgentDispatchFinished:
+    """LiveKit answered (or did not) the create_dispatch of an `agent:NAME` slot."""
+
+    requirement: str
+    dispatch_id: str | None  # None: the dispatch could not be made (`error` says why)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class JoinDeadlinePassed:
     """`join_timeout` after dispatch: every required service should have joined by now."""
 
@@ -128,6 +137,7 @@ SessionMessage = (
     | Detach
     | RoomEventArrived
     | DispatchFinished
+    | AgentDispatchFinished
     | JoinDeadlinePassed
     | WaitDeadlinePassed
     | DurationLimitReached

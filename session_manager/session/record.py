@@ -11,6 +11,7 @@ from session_manager.clock import parse_rfc3339, rfc3339, utc_now
 from session_manager.session.states import ServiceState, SessionStatus
 
 JsonDict = dict[str, Any]
+AGENT_PREFIX = "agent:"  # a requirement naming a livekit-agents worker: "agent:NAME"
 
 
 def _ts(moment: datetime | None) -> str | None:
@@ -29,8 +30,9 @@ def _ms_between(start: datetime | None, end: datetime | None) -> float | None:
 
 @dataclass
 class ServiceSlot:
-    """One required microservice in one session: what was asked for (`requirement`, a service id
-    or `type:X`) and the instance currently filling it (`service_id`)."""
+    """One required microservice in one session: what was asked for (`requirement`, a service id,
+    `type:X`, or `agent:NAME`) and the instance currently filling it (`service_id`). An agent's
+    slot has its requirement as service id, no endpoint, and the id of LiveKit's dispatch."""
 
     requirement: str
     service_id: str
@@ -47,12 +49,20 @@ class ServiceSlot:
     answered_at: datetime | None = None
     joined_at: datetime | None = None
     left_at: datetime | None = None
+    dispatch_id: str | None = None  # an agent's: LiveKit's AgentDispatch now out for it
+
+    @property
+    def agent_name(self) -> str | None:
+        """NAME of an `agent:NAME` slot; None for an HTTP microservice."""
+        if self.requirement.startswith(AGENT_PREFIX):
+            return self.requirement.removeprefix(AGENT_PREFIX)
+        return None
 
     def assign(self, service_id: str, endpoint: str, service_type: str | None) -> None:
         """Fill the slot with another instance; its timings start again."""
         self.service_id, self.endpoint, self.service_type = service_id, endpoint, service_type
         self.state = ServiceState.PENDING
-        self.participant_sid = None
+        self.participant_sid = self.dispatch_id = None
         self.dispatched_at = self.answered_at = self.joined_at = self.left_at = None
 
     @property
@@ -76,6 +86,7 @@ class ServiceSlot:
             dispatched_at=_moment(view.get("dispatched_at")),
             joined_at=_moment(view.get("joined_at")),
             left_at=_moment(view.get("left_at")),
+            dispatch_id=view.get("dispatch_id"),
         )
 
     def view(self) -> JsonDict:
@@ -94,6 +105,8 @@ class ServiceSlot:
             "left_at": _ts(self.left_at),
             # From the first join-room call to LiveKit's participant_joined webhook.
             "join_ms": self.join_ms,
+            # An agent's: LiveKit's AgentDispatch id (None for an HTTP microservice).
+            "dispatch_id": self.dispatch_id,
         }
 
 

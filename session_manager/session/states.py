@@ -84,6 +84,8 @@ TABLE: dict[str, Rule] = {
     "RoomEventArrived": _rule(RUNNING, "_on_room_event", W, R, A, T1, T2),
     # a join-room call is over: fine, declined (next instance) or failed (redispatch or end)
     "DispatchFinished": _rule(RUNNING, "_on_dispatch_finished", W, T1, T2),
+    # LiveKit's create_dispatch for an agent is over: the dispatch is out, or it failed
+    "AgentDispatchFinished": _rule(RUNNING, "_on_agent_dispatch_finished", W, T1, T2),
     # timers
     "JoinDeadlinePassed": _rule(frozenset({W}), "_on_join_deadline", T1, T2),
     "WaitDeadlinePassed": _rule(frozenset({W}), "_on_wait_deadline", T1, T2),

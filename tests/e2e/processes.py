@@ -97,13 +97,24 @@ class Children:
     log_dir: Path
     started: list[ChildProcess] = field(default_factory=list)
 
-    async def start(self, name: str, argv: list[str], cwd: Path) -> ChildProcess:
+    async def start(
+        self,
+        name: str,
+        argv: list[str],
+        cwd: Path,
+        *,
+        env: dict[str, str] | None = None,
+        new_session: bool = False,
+    ) -> ChildProcess:
+        """`env`: added to the child's environment (after the settings are stripped from it);
+        `new_session`: the child leads a process group of its own (killed whole with killpg)."""
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("wb") as log_file:  # the child keeps its own copy of the descriptor
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 cwd=cwd,
-                env=child_environment(),
+                env={**child_environment(), **(env or {})},
+                start_new_session=new_session,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,

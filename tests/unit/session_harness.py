@@ -21,6 +21,8 @@ from session_manager.errors import Conflict, NotFound, SessionGone
 from session_manager.events import EventLog
 from session_manager.livekit.gateway import LiveKitEndpoint
 from session_manager.livekit.webhooks import (
+    AGENT_NAME_ATTRIBUTES,
+    KIND_AGENT,
     ROLE_ATTRIBUTE,
     ROLE_SERVICE,
     SESSION_ATTRIBUTE,
@@ -48,6 +50,20 @@ class FakeGateway:
     metadata: dict[str, str] = field(default_factory=dict)  # room name -> its metadata
     # room name -> who LiveKit says is in it (for a manager that takes a room over)
     participants: dict[str, list[RoomEvent]] = field(default_factory=dict)
+    # LiveKit's agent dispatches: id -> (room, agent name, metadata), as created
+    dispatches: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    deleted_dispatches: list[str] = field(default_factory=list)
+    fail_dispatch: BaseException | None = None
+
+    async def create_dispatch(self, room: str, agent_name: str, metadata: str) -> str:
+        if self.fail_dispatch is not None:
+            raise self.fail_dispatch
+        dispatch_id = f"AD_{len(self.dispatches) + 1}"
+        self.dispatches[dispatch_id] = (room, agent_name, metadata)
+        return dispatch_id
+
+    async def delete_dispatch(self, dispatch_id: str, room: str) -> None:
+        self.deleted_dispatches.append(dispatch_id)
 
     async def create_room(
         self, name: str, *, metadata: str, empty_timeout: int, departure_timeout: int = 0
@@ -72,6 +88,18 @@ class FakeGateway:
 
     def mint_token(self, *, identity: str, room_name: str, ttl: timedelta, **_: Any) -> str:
         return f"token:{identity}:{room_name}:{int(ttl.total_seconds())}"
+
+
+def agent_present(room: str, name: str, sid: str, joined: bool = True) -> RoomEvent:
+    """A livekit-agents participant as LiveKit reports it (see `Harness.agent`)."""
+    return RoomEvent(
+        kind="participant_joined" if joined else "participant_left",
+        room_name=room,
+        identity=f"agent-AJ_{sid}",
+        participant_sid=sid,
+        attributes=dict.fromkeys(AGENT_NAME_ATTRIBUTES, name),
+        participant_kind=KIND_AGENT,
+    )
 
 
 @dataclass
@@ -140,6 +168,13 @@ class Harness:
         self.webhook(
             "participant_left", created.room_name, identity, role, created.session_id, **more
         )
+
+    def agent(
+        self, created: SessionCreated, name: str, *, joined: bool = True, sid: str = "PA_agent"
+    ) -> None:
+        """LiveKit's webhook for a livekit-agents worker's participant: kind AGENT, an identity
+        of the framework's choosing, the agent name in its attributes, none of ours."""
+        self.supervisor.tell(LiveKitEvent(agent_present(created.room_name, name, sid, joined)))
 
     async def ask(self, make: Callable[[asyncio.Future[Any]], Any]) -> Any:
         return await self.supervisor.ask(make)
