@@ -220,10 +220,13 @@ class _SystemLookup:
         self._executor = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="egress-dns")
 
     async def __call__(self, host: str, port: int) -> list[str]:
-        infos = await asyncio.get_running_loop().run_in_executor(
-            self._executor,
-            partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM),
-        )
+        try:
+            infos = await asyncio.get_running_loop().run_in_executor(
+                self._executor,
+                partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM),
+            )
+        except UnicodeError:  # a name IDNA cannot encode ("\x80"): no such host, not a crash
+            raise socket.gaierror(socket.EAI_NONAME, "not a valid host name") from None
         return [str(info[4][0]) for info in infos]
 
     def close(self) -> None:

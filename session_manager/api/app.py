@@ -13,6 +13,7 @@ from aiohttp import web
 
 from session_manager.api.auth import KeyTable, RateLimit, RateLimiter, access_of, auth_middleware
 from session_manager.api.cors import CorsPolicy
+from session_manager.api.docs import add_docs_routes
 from session_manager.api.errors import error_middleware
 from session_manager.api.routes import DAEMON, routes
 from session_manager.commands import GetSession
@@ -39,6 +40,7 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
     )
     app.on_response_prepare.append(cors.response_hook())
     app.add_routes(routes)
+    add_docs_routes(app)
 
     async def daemon_context(app: web.Application) -> AsyncIterator[None]:
         daemon = Daemon(settings, api_port=api_port if api_port is not None else settings.port)

@@ -19,8 +19,8 @@ Without `api_keys` every request is the open caller: nothing is checked and noth
 as before keys existed (the manager then listens on loopback only; see `config`).
 
 `ROUTE_SCOPES` declares every route of the app; a route missing from it is refused to everyone
-but an admin (and a test fails). `GET /health` and LiveKit's webhook (which carries LiveKit's own
-signature) are open.
+but an admin (and a test fails). `GET /health`, LiveKit's webhook (which carries LiveKit's own
+signature), the API document (`GET /openapi.json`) and its page (`GET /docs`) are open.
 """
 
 from __future__ import annotations
@@ -215,6 +215,10 @@ _SERVICE = "/api/v1/microservices/{service_id}"
 ROUTE_SCOPES: Final[Mapping[tuple[str, str], RouteRule]] = {
     ("GET", "/health"): OPEN,
     ("POST", "/livekit/webhook"): OPEN,  # LiveKit's own signature, checked by the handler
+    # The API document and its docs page: they describe the API and hold no data.
+    ("GET", "/openapi.json"): OPEN,
+    ("GET", "/docs"): OPEN,
+    ("GET", "/docs/assets/{name}"): OPEN,
     ("GET", "/metrics"): ADMIN_ONLY,
     ("GET", "/api/v1/events"): ADMIN_ONLY,
     ("POST", "/api/v1/create-session"): CLIENTS,

@@ -28,22 +28,47 @@ from session_manager.api.limits import (
     check_text,
     limits_of,
 )
+from session_manager.api.schema_bounds import (
+    ENDPOINT_SCHEMA,
+    SERVICE_METADATA_SCHEMA,
+    SESSION_METADATA_SCHEMA,
+    identifier_schema,
+    schema,
+    text_schema,
+)
 from session_manager.egress import check_endpoint_form
 
 # Identities and names end up in LiveKit tokens and in URLs: no whitespace, slashes or '?#'.
+# The `schema(...)` of each is what GET /openapi.json shows of its bounds (validation is the
+# validator's; JSON Schema counts characters where the limits count UTF-8 bytes).
 ServiceId = Annotated[
-    str, AfterValidator(partial(check_identifier, max_bytes=MAX_SERVICE_ID_BYTES))
+    str,
+    AfterValidator(partial(check_identifier, max_bytes=MAX_SERVICE_ID_BYTES)),
+    schema(identifier_schema(MAX_SERVICE_ID_BYTES)),
 ]
-RoomName = Annotated[str, AfterValidator(partial(check_identifier, max_bytes=MAX_ROOM_NAME_BYTES))]
+RoomName = Annotated[
+    str,
+    AfterValidator(partial(check_identifier, max_bytes=MAX_ROOM_NAME_BYTES)),
+    schema(identifier_schema(MAX_ROOM_NAME_BYTES)),
+]
 UserIdentity = Annotated[
-    str, AfterValidator(partial(check_text, max_bytes=MAX_IDENTITY_BYTES, blank=False))
+    str,
+    AfterValidator(partial(check_text, max_bytes=MAX_IDENTITY_BYTES, blank=False)),
+    schema(text_schema(MAX_IDENTITY_BYTES, blank=False)),
 ]
 UserName = Annotated[
-    str, AfterValidator(partial(check_text, max_bytes=MAX_USER_NAME_BYTES, blank=True))
+    str,
+    AfterValidator(partial(check_text, max_bytes=MAX_USER_NAME_BYTES, blank=True)),
+    schema(text_schema(MAX_USER_NAME_BYTES, blank=True)),
 ]
 # An absolute http(s) URL without user-info, query or fragment (where it may point is checked
 # against endpoint_allow by the route: that needs the settings and a name look-up).
-Endpoint = Annotated[str, AfterValidator(check_endpoint), AfterValidator(check_endpoint_form)]
+Endpoint = Annotated[
+    str,
+    AfterValidator(check_endpoint),
+    AfterValidator(check_endpoint_form),
+    schema(ENDPOINT_SCHEMA),
+]
 
 
 def _session_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
@@ -60,8 +85,12 @@ def _service_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[st
     return metadata
 
 
-SessionMetadata = Annotated[dict[str, Any], AfterValidator(_session_metadata)]
-ServiceMetadata = Annotated[dict[str, Any], AfterValidator(_service_metadata)]
+SessionMetadata = Annotated[
+    dict[str, Any], AfterValidator(_session_metadata), schema(SESSION_METADATA_SCHEMA)
+]
+ServiceMetadata = Annotated[
+    dict[str, Any], AfterValidator(_service_metadata), schema(SERVICE_METADATA_SCHEMA)
+]
 
 
 class _Request(BaseModel):
