@@ -21,10 +21,10 @@ import sys
 import time
 from asyncio.subprocess import Process
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -313,3 +313,59 @@ async def running_process(
         orphans = child_pids(process.pid) if reap_children else []
         await stop_process(process, name, stop_timeout)
         kill_survivors(orphans)
+
+
+# --- LiveKit and the children that use it -----------------------------------------------------
+
+
+class LiveKitConfig(Protocol):
+    """What the scripts need of session_manager.livekit.server's ManagedLiveKitConfig (not
+    imported here: this module is imported before the scripts put the project on sys.path)."""
+
+    @property
+    def binary(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def api_key(self) -> str: ...
+    @property
+    def api_secret(self) -> str: ...
+    def render(self) -> str: ...
+
+
+def child_env(config: LiveKitConfig | None = None) -> dict[str, str]:
+    """A child's environment: no settings of the developer's shell, the project importable,
+    and (given a LiveKit) LiveKit's own variables naming it."""
+    env = clean_env()
+    env.update(PYTHONPATH=str(PROJECT_ROOT), PYTHONUNBUFFERED="1")
+    if config is not None:
+        env.update(
+            LIVEKIT_URL=config.url,
+            LIVEKIT_API_KEY=config.api_key,
+            LIVEKIT_API_SECRET=config.api_secret,
+        )
+    return env
+
+
+def running_livekit(
+    config: LiveKitConfig, workdir: Path, *, start_timeout: float, stop_timeout: float
+) -> AbstractAsyncContextManager[Process]:
+    """A livekit-server with `config` (written to workdir, readable by us only), up once it
+    answers on its port."""
+    workdir.mkdir()
+    config_path = workdir / "livekit.yaml"
+    config_path.write_text(config.render(), encoding="utf-8")
+    config_path.chmod(0o600)
+    return running_process(
+        "livekit-server",
+        [config.binary, "--config", str(config_path)],
+        cwd=workdir,
+        env=None,
+        probe_url=f"http://{config.host}:{config.port}/",
+        start_timeout=start_timeout,
+        stop_timeout=stop_timeout,
+    )

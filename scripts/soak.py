@@ -59,7 +59,7 @@ import aiohttp
 from bench_harness import (
     HOST,
     PROJECT_ROOT,
-    clean_env,
+    child_env,
     client_loop_name,
     cpu_model,
     cpu_seconds,
@@ -71,6 +71,7 @@ from bench_harness import (
     running_process,
     usable_cpus,
 )
+from bench_harness import running_livekit as shared_running_livekit
 from livekit import api
 
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -700,33 +701,11 @@ def log_summary(path: Path) -> dict[str, Any]:
 # --- processes --------------------------------------------------------------------------------
 
 
-def child_env(config: ManagedLiveKitConfig | None = None) -> dict[str, str]:
-    env = clean_env()
-    env.update(PYTHONPATH=str(PROJECT_ROOT), PYTHONUNBUFFERED="1")
-    if config is not None:
-        env.update(
-            LIVEKIT_URL=config.url,
-            LIVEKIT_API_KEY=config.api_key,
-            LIVEKIT_API_SECRET=config.api_secret,
-        )
-    return env
-
-
 def running_livekit(
     config: ManagedLiveKitConfig, workdir: Path
 ) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
-    workdir.mkdir()
-    config_path = workdir / "livekit.yaml"
-    config_path.write_text(config.render(), encoding="utf-8")
-    config_path.chmod(0o600)
-    return running_process(
-        "livekit-server",
-        [config.binary, "--config", str(config_path)],
-        cwd=workdir,
-        env=None,
-        probe_url=f"http://{config.host}:{config.port}/",
-        start_timeout=START_TIMEOUT,
-        stop_timeout=LIVEKIT_STOP_TIMEOUT,
+    return shared_running_livekit(
+        config, workdir, start_timeout=START_TIMEOUT, stop_timeout=LIVEKIT_STOP_TIMEOUT
     )
 
 
