@@ -1,4 +1,8 @@
-"""`session-manager`: read the settings, set up logging, run the API until SIGINT/SIGTERM."""
+"""`session-manager`: read the settings, set up logging, run the API until SIGINT/SIGTERM.
+
+`session-manager serve [flags]`, or the flags alone (no subcommand), runs the service; the
+other subcommands (`sessions`, `services`, `events`, `create-session`) manage a running one
+through the API client (client_cli.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from session_manager import __version__
+from session_manager import __version__, client_cli
 from session_manager.config import (
     DEFAULT_CONFIG_FILE,
     ENV_PREFIX,
@@ -39,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Session Manager: LiveKit sessions with AI microservices dispatched into them.",
         epilog=(
             "Precedence, lowest first: defaults < config file < environment < flags. "
-            f"Config file: --config, ${ENV_PREFIX}CONFIG, or {DEFAULT_CONFIG_FILE} if present."
+            f"Config file: --config, ${ENV_PREFIX}CONFIG, or {DEFAULT_CONFIG_FILE} if present. "
+            "Runs the service: `session-manager [serve] [flags]`. To manage a running one: "
+            "`session-manager sessions list|show|delete`, `services list|show|drain|delete`, "
+            "`events tail`, `create-session` (each with --help)."
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -130,6 +137,17 @@ async def serve(app: web.Application, sock: socket.socket, settings: Settings) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`serve` (also without a subcommand, as before subcommands existed) or an operator's
+    subcommand."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in client_cli.COMMANDS:
+        return client_cli.main(arguments)
+    if arguments and arguments[0] == "serve":
+        arguments = arguments[1:]
+    return serve_main(arguments)
+
+
+def serve_main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "config"}
     try:

@@ -29,6 +29,7 @@ from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, mak
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
 from session_manager.livekit.watch import LiveKitWatch
 from session_manager.livekit.webhooks import WebhookVerifier
+from session_manager.metrics import Metrics
 from session_manager.redis_connection import RedisUrl
 from session_manager.registry import Registry
 from session_manager.registry.health import HealthMonitor, HealthResults
@@ -63,9 +64,12 @@ class Daemon:
     exits non-zero (crash-only), and /health turns 503 at once.
     """
 
-    def __init__(self, settings: Settings, *, api_port: int) -> None:
+    def __init__(
+        self, settings: Settings, *, api_port: int, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.api_port = api_port
+        self.metrics = metrics or Metrics()
         self._stack = AsyncExitStack()
         self.board = HealthBoard()
         self.failed = asyncio.Event()
@@ -177,6 +181,7 @@ class Daemon:
                 max_queue=settings.webhook_queue,
                 concurrency=settings.webhook_concurrency,
             ),
+            on_attempt=self.metrics.observe_webhook,
         )
         await self.outbound_webhooks.start()
         # Registered before the sessions stage, so it closes after it: the events of sessions
@@ -210,6 +215,8 @@ class Daemon:
             healthy_after=self.settings.healthy_after,
         )
         await self.registry.load()
+        registry = self.registry
+        self.metrics.is_registered = lambda service_id: registry.find(service_id) is not None
 
     async def _connect_livekit(self) -> None:
         endpoint = await self._livekit_endpoint()
@@ -236,6 +243,7 @@ class Daemon:
             ),
             guard=self.egress,
             secrets=self.registry.signing_secrets,
+            on_join_room=self.metrics.observe_join_room,
         )
 
     async def _start_sessions(self) -> None:
@@ -255,6 +263,7 @@ class Daemon:
             deployment=settings.deployment,
             max_session_duration=settings.max_session_duration,
             persist=self._persist_session,
+            on_ready=self.metrics.observe_ready,
         )
         # Sessions are kept at shutdown only where the next process can adopt them: a stored
         # session (not the memory store) in a room that outlives this process (not the managed

@@ -41,6 +41,8 @@ MAX_ANSWER_BYTES = 64 * 1024  # read at most this much of any answer of a servic
 _READ_CHUNK = 16 * 1024
 
 SigningSecrets = Callable[[str, str], Sequence[str]]
+JoinRoomObserver = Callable[[str, "DispatchOutcome"], None]
+"""(service id, outcome) of every finished join-room call: for metrics."""
 """(service id, endpoint) -> the secrets a call to that service at that endpoint is signed
 with, its own first; empty: sent unsigned."""
 
@@ -139,11 +141,13 @@ class MicroserviceClient:
         *,
         guard: EndpointGuard | None = None,
         secrets: SigningSecrets | None = None,
+        on_join_room: JoinRoomObserver | None = None,
     ) -> None:
         self._http = http
         self._policy = policy
         self._guard = guard
         self._secrets = secrets
+        self._on_join_room = on_join_room
 
     def _headers(self, service_id: str | None, endpoint: str, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json"} if body else {}
@@ -194,6 +198,12 @@ class MicroserviceClient:
             raise
 
     async def join_room(self, endpoint: str, request: JoinRoomRequest) -> DispatchOutcome:
+        outcome = await self._join_room(endpoint, request)
+        if self._on_join_room is not None:
+            self._on_join_room(request.service_identity, outcome)
+        return outcome
+
+    async def _join_room(self, endpoint: str, request: JoinRoomRequest) -> DispatchOutcome:
         started = time.monotonic()
         error = "not attempted"
         attempt = 0

@@ -1,9 +1,9 @@
 """The aiohttp application: routes, the middlewares, and the daemon's lifetime as one cleanup
 context (started before the first request, closed after the last).
 
-Middlewares, outermost first: the CORS preflight (a browser sends no key on one), the error
-middleware (every refusal below it is an envelope), then authentication, scopes and the rate
-limit (`api.auth`)."""
+Middlewares, outermost first: the request metrics (every answer timed, `api.metrics`), the CORS
+preflight (a browser sends no key on one), the error middleware (every refusal below it is an
+envelope), then authentication, scopes and the rate limit (`api.auth`)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from session_manager.api.auth import KeyTable, RateLimit, RateLimiter, access_of
 from session_manager.api.cors import CorsPolicy
 from session_manager.api.docs import add_docs_routes
 from session_manager.api.errors import error_middleware
+from session_manager.api.metrics import http_metrics, watch
 from session_manager.api.routes import DAEMON, routes
 from session_manager.commands import GetSession
 from session_manager.config import Settings
 from session_manager.daemon import Daemon
 from session_manager.errors import NotFound
 from session_manager.events import SessionPresence, add_event_routes
+from session_manager.metrics import Metrics
 from session_manager.session.record import JsonDict
 from session_manager.session.states import SessionStatus
 
@@ -34,8 +36,14 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
         origins = [] if keys.enabled else ["*"]
     cors = CorsPolicy(origins)
     limiter = RateLimiter(RateLimit.parse(settings.rate_limit)) if settings.rate_limit else None
+    metrics = Metrics()  # this app's registry: made now, its middleware times every request
     app = web.Application(
-        middlewares=[cors.middleware(), error_middleware, auth_middleware(keys, limiter)],
+        middlewares=[
+            http_metrics(metrics),
+            cors.middleware(),
+            error_middleware,
+            auth_middleware(keys, limiter),
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app.on_response_prepare.append(cors.response_hook())
@@ -43,8 +51,10 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
     add_docs_routes(app)
 
     async def daemon_context(app: web.Application) -> AsyncIterator[None]:
-        daemon = Daemon(settings, api_port=api_port if api_port is not None else settings.port)
+        port = api_port if api_port is not None else settings.port
+        daemon = Daemon(settings, api_port=port, metrics=metrics)
         await daemon.start()
+        watch(metrics, daemon)
         app[DAEMON] = daemon
         yield
         await daemon.aclose()

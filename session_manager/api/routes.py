@@ -145,12 +145,7 @@ async def health(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        text=render_metrics(request.app[DAEMON]),
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"Cache-Control": "no-store"},
-    )
+    return render_metrics(request.app[DAEMON].metrics)
 
 
 @routes.post("/api/v1/microservices/register")

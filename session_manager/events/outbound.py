@@ -23,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429})
 
 LaneKey = tuple[str, str]
+
+AttemptObserver = Callable[[str, bool, float], None]
+"""(target origin, delivered, seconds) of every delivery attempt: for metrics."""
 
 
 @dataclass(frozen=True)
@@ -229,8 +233,11 @@ class OutboundWebhooks:
         targets: Iterable[WebhookTarget],
         secret: Secret,
         policy: WebhookPolicy | None = None,
+        *,
+        on_attempt: AttemptObserver | None = None,
     ) -> None:
         self._policy = policy or WebhookPolicy()
+        self._on_attempt = on_attempt
         self._queues = [_TargetQueue(target, self._policy) for target in targets]
         if self._queues and not secret:
             raise ValueError("webhook secret is required when webhook targets are configured")
@@ -345,7 +352,10 @@ class OutboundWebhooks:
         """One attempt at the lane's first event, then what follows from its result."""
         event = lane.events[0]
         lane.attempts += 1
+        started = time.monotonic()
         result = await self._attempt(queue.target, event, lane.attempts)
+        if self._on_attempt is not None:
+            self._on_attempt(queue.target.origin, result.ok, time.monotonic() - started)
         if queue.lanes.get(key) is not lane:  # abandoned while in flight
             return
         if result.ok:

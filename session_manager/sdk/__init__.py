@@ -8,8 +8,9 @@ the manager, declines sessions beyond its `max_sessions`, and shuts everything d
 acts only on calls the manager signed (Standard Webhooks, with the secret of the registration)
 and joins only the LiveKit servers it trusts (`verification`).
 
-This package is self-contained: it imports nothing from the rest of `session_manager`, so it can
-be vendored into a microservice on its own.
+This package imports nothing from the rest of `session_manager` but the API client
+(`session_manager.client`, itself only aiohttp and pydantic), which it registers with; the two
+can be vendored into a microservice on their own.
 """
 
 from .cli import API_KEY_ENV, MANAGER_URL_ENV, add_service_arguments, runner_options

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from standardwebhooks import Webhook
+
+from session_manager.client import (
+    DEFAULT_TIMEOUT,
+    ApiError,
+    ServiceCredentials,
+    SessionManagerClient,
+)
 
 from .payloads import RegisterRequest
 from .redaction import describe_error
@@ -77,87 +82,82 @@ class _Verdict(enum.Enum):
 class _Answer:
     verdict: _Verdict
     detail: str
-    body: Any = None  # the parsed JSON of a 2xx answer
+    body: ServiceCredentials | None = None  # the answer to register or rotate-secret
 
 
-def _credentials(body: Any) -> Credentials | None:
-    if not isinstance(body, dict):
-        return None
-    secret, livekit_url = body.get("signing_secret"), body.get("livekit_url")
-    if not isinstance(secret, str) or not secret:
+def _credentials(body: ServiceCredentials | None) -> Credentials | None:
+    if body is None or not body.signing_secret:
         return None
     try:
-        Webhook(secret)  # a whsec_ secret the verifier can use
+        Webhook(body.signing_secret)  # a whsec_ secret the verifier can use
     except Exception:
         return None
-    return Credentials(secret, livekit_url if isinstance(livekit_url, str) else None)
+    return Credentials(body.signing_secret, body.livekit_url)
 
 
-def _manager_message(body: str) -> str:
-    """The `message` of the manager's JSON answer or error envelope, else the raw text."""
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return body.strip()[:300]
-    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
-        return str(parsed["message"])
-    return body.strip()[:300]
+def _client(http: aiohttp.ClientSession, manager_url: str) -> SessionManagerClient:
+    """The API client on the runner's session: its API key header and its request timeout."""
+    timeout = http.timeout.total or DEFAULT_TIMEOUT
+    return SessionManagerClient(manager_url, http=http, timeout=timeout)
 
 
-def _judge(status: int, body: str) -> _Answer:
-    message = _manager_message(body)
-    if 200 <= status < 300:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict) and parsed.get("success") is False:
-            return _Answer(_Verdict.REFUSED, f"HTTP {status}: {message}")
-        return _Answer(_Verdict.REGISTERED, message, parsed)
+def _failed(error: ApiError) -> _Answer:
+    """What an ApiError from the client means for the registration."""
+    if error.status == 0:  # refused, reset or timed out: the manager is not (yet) reachable
+        cause = error.__cause__
+        return _Answer(_Verdict.RETRY, describe_error(cause) if cause else error.message)
+    detail = f"HTTP {error.status}: {error.message}"
+    if 200 <= error.status < 300:  # an answer without the fields it should have
+        return _Answer(_Verdict.REGISTERED, detail)
     # The manager answers a duplicate id with 400 "Service ID already exists": a restarted
     # service is still known to it, so carry on instead of failing to come up.
-    if status == 400 and "already exists" in message.lower():
-        return _Answer(_Verdict.ALREADY_REGISTERED, message)
-    if status >= 500 or status in (408, 429):
-        return _Answer(_Verdict.RETRY, f"HTTP {status}: {message}")
-    return _Answer(_Verdict.REFUSED, f"HTTP {status}: {message}")
+    if error.status == 400 and "already exists" in error.message.lower():
+        return _Answer(_Verdict.ALREADY_REGISTERED, error.message)
+    if error.status >= 500 or error.status in (408, 429):
+        return _Answer(_Verdict.RETRY, detail)
+    return _Answer(_Verdict.REFUSED, detail)
 
 
-async def _attempt(http: aiohttp.ClientSession, url: str, payload: RegisterRequest) -> _Answer:
+def _granted(answer: ServiceCredentials) -> _Answer:
+    if not answer.success:
+        return _Answer(_Verdict.REFUSED, f"HTTP 200: {answer.message}")
+    return _Answer(_Verdict.REGISTERED, answer.message, answer)
+
+
+async def _attempt(
+    http: aiohttp.ClientSession, manager_url: str, payload: RegisterRequest
+) -> _Answer:
     try:
-        async with http.post(url, json=payload.model_dump(mode="json")) as response:
-            return _judge(response.status, await response.text())
-    except (aiohttp.ClientError, TimeoutError) as error:
-        # Connection refused, reset or timed out: the manager is not (yet) reachable.
-        return _Answer(_Verdict.RETRY, describe_error(error))
+        answer = await _client(http, manager_url).register_service(
+            payload.service_id, payload.endpoint, payload.metadata
+        )
+    except ApiError as error:
+        return _failed(error)
+    return _granted(answer)
 
 
 async def _refresh(
     http: aiohttp.ClientSession, manager_url: str, payload: RegisterRequest
 ) -> _Answer:
-    url = f"{manager_url.rstrip('/')}{SERVICES_PATH}/{payload.service_id}"
-    body = {"endpoint": payload.endpoint, "metadata": payload.metadata, "draining": False}
     try:
-        async with http.put(url, json=body) as response:
-            text = await response.text()
-            if 200 <= response.status < 300:
-                return _Answer(_Verdict.REGISTERED, _manager_message(text))
-            # The registration vanished in between (404): try registering again.
-            return _Answer(_Verdict.RETRY, f"HTTP {response.status}: {_manager_message(text)}")
-    except (aiohttp.ClientError, TimeoutError) as error:
-        return _Answer(_Verdict.RETRY, describe_error(error))
+        await _client(http, manager_url).update_service(
+            payload.service_id, endpoint=payload.endpoint, metadata=payload.metadata, draining=False
+        )
+    except ApiError as error:
+        if 200 <= error.status < 300:  # updated; only the answer's shape is unexpected
+            return _Answer(_Verdict.REGISTERED, error.message)
+        # The registration vanished in between (404): try registering again.
+        return _Answer(_Verdict.RETRY, _failed(error).detail)
+    return _Answer(_Verdict.REGISTERED, "updated")
 
 
 async def _rotate(http: aiohttp.ClientSession, manager_url: str, service_id: str) -> _Answer:
-    url = f"{manager_url.rstrip('/')}{SERVICES_PATH}/{service_id}/rotate-secret"
     try:
-        async with http.post(url) as response:
-            status, text = response.status, await response.text()
-    except (aiohttp.ClientError, TimeoutError) as error:
-        return _Answer(_Verdict.RETRY, describe_error(error))
-    answer = _judge(status, text)
-    if status == 404:  # the registration vanished in between: register again
-        return _Answer(_Verdict.RETRY, answer.detail)
+        answer = _granted(await _client(http, manager_url).rotate_secret(service_id))
+    except ApiError as error:
+        answer = _failed(error)
+        if error.status == 404:  # the registration vanished in between: register again
+            return _Answer(_Verdict.RETRY, answer.detail)
     if answer.verdict is _Verdict.ALREADY_REGISTERED:  # not an answer rotate gives
         return _Answer(_Verdict.REFUSED, answer.detail)
     return answer
@@ -183,13 +183,13 @@ async def drain_at_manager(
 ) -> str | None:
     """Ask the manager to send this instance no new sessions; best effort, one attempt.
     Returns what went wrong, if anything."""
-    url = f"{manager_url.rstrip('/')}{SERVICES_PATH}/{service_id}/drain"
     try:
-        async with http.post(url) as response:
-            await response.read()
-            return None if response.status < 300 else f"HTTP {response.status}"
-    except (aiohttp.ClientError, TimeoutError) as error:
-        return describe_error(error)
+        await _client(http, manager_url).drain_service(service_id)
+    except ApiError as error:
+        if 200 <= error.status < 300:  # drained; only the answer's shape is unexpected
+            return None
+        return _failed(error).detail
+    return None
 
 
 async def register_until_accepted(
@@ -209,10 +209,11 @@ async def register_until_accepted(
     timeout.
     """
     url = manager_url.rstrip("/") + REGISTER_PATH
+    base = manager_url.rstrip("/")
     log_fields = {"service_id": payload.service_id, "endpoint": payload.endpoint, "url": url}
     learn = on_credentials or (lambda _: None)
     for attempt, delay in enumerate(backoff.delays(), start=1):
-        answer = await _attempt(http, url, payload)
+        answer = await _attempt(http, base, payload)
         if answer.verdict is _Verdict.REGISTERED:
             credentials = _required_credentials(answer, payload.service_id)
             learn(credentials)

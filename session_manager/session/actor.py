@@ -994,6 +994,8 @@ class SessionActor:
         self.record.status = new
         self.record.updated_at = now
         if new is S.READY:
+            if self.record.ready_at is None:
+                self._deps.on_ready((now - self.record.created_at).total_seconds())
             self.record.ready_at = self.record.ready_at or now
             self._cancel_timer(JoinDeadlinePassed)
             self._cancel_timer(WaitDeadlinePassed)

@@ -26,6 +26,10 @@ async def _nothing_to_persist(record: SessionRecord) -> None:
     return None
 
 
+def _not_observed(seconds: float) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class SessionDeps:
     """What every session actor uses, shared and owned by the daemon."""
@@ -46,6 +50,8 @@ class SessionDeps:
     # Makes a new session durable (in a cluster: owned, with its places on its instances) before
     # its room is created, so a crash never leaves a room no stored session claims.
     persist: Callable[[SessionRecord], Awaitable[None]] = _nothing_to_persist
+    # Told the seconds from a session's creation to its first Ready (metrics); must not block.
+    on_ready: Callable[[float], None] = _not_observed
 
 
 def duration_limit(metadata: JsonDict) -> float | None:

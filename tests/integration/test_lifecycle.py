@@ -335,15 +335,15 @@ async def test_metrics_tell_what_runs(manager: Any) -> None:
     await manager.delete(f"/api/v1/sessions/{ended['session_id']}")
     for _ in range(100):  # the supervisor counts an ended session once its actor is reaped
         text = await (await manager.get("/metrics")).text()
-        if "session_manager_sessions_ended_total 1" in text:
+        if "session_manager_sessions_ended_total 1.0" in text:
             break
         await asyncio.sleep(0.02)
     lines = set(text.splitlines())
-    assert 'session_manager_sessions{status="Ready"} 2' in lines
-    assert "session_manager_sessions_created_total 3" in lines
-    assert "session_manager_sessions_ended_total 1" in lines
+    assert 'session_manager_sessions{status="Ready"} 2.0' in lines
+    assert "session_manager_sessions_created_total 3.0" in lines
+    assert "session_manager_sessions_ended_total 1.0" in lines
     assert (
-        'session_manager_microservice_sessions{service_id="asr-m",status="Healthy",'
-        'draining="false"} 0'
+        'session_manager_microservice_sessions{draining="false",service_id="asr-m",'
+        'status="Healthy"} 0.0'
     ) in lines
     assert "# TYPE session_manager_webhook_deliveries_total counter" in lines

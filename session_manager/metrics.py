@@ -1,0 +1,100 @@
+"""One manager's Prometheus registry (`prometheus_client`) and the histograms its parts feed.
+
+Each daemon has its own `CollectorRegistry`, never the library's global one, so several managers in
+one process (the tests) do not clash. The parts that time something are handed a plain callback
+(`SessionDeps.on_ready`, `MicroserviceClient(on_join_room=…)`, `OutboundWebhooks(on_attempt=…)`),
+so none of them imports prometheus. The live gauges and counters are read from the daemon's state
+at scrape time by a collector (`api.metrics`): nothing is added to any hot path for them.
+
+Label cardinality is bounded: HTTP requests by the route's canonical path (never the raw URL, an
+unknown path is `unmatched`), a known method (else `other`) and the status; join-room by the
+registration's service id, with the series of registrations that are gone removed, so at most
+`max_services` + 1 of them exist; webhook deliveries by the configured target's origin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+
+from session_manager.dispatch import DispatchOutcome
+
+# Seconds: from a fast local call to the longest timeouts the manager waits on.
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Seconds from create to Ready: services join in seconds, join_timeout is minutes at most.
+READY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+
+JOIN_OUTCOMES: Final = ("ok", "declined", "failed")
+
+
+def join_outcome(outcome: DispatchOutcome) -> str:
+    if outcome.ok:
+        return "ok"
+    return "declined" if outcome.declined else "failed"
+
+
+class Metrics:
+    """The registry and histograms of one daemon; `render` is its text exposition."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.http_requests = Histogram(
+            "session_manager_http_request_duration_seconds",
+            "HTTP requests answered by the API, by method, route and status.",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.create_session = Histogram(
+            "session_manager_create_session_duration_seconds",
+            "Create-session requests, timed at the front door, by outcome.",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.session_ready = Histogram(
+            "session_manager_session_ready_seconds",
+            "Time from a session's creation to its first Ready.",
+            buckets=READY_BUCKETS,
+            registry=self.registry,
+        )
+        self.join_room = Histogram(
+            "session_manager_join_room_duration_seconds",
+            "join-room calls to microservices (retries included), by service and outcome.",
+            ["service_id", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.webhook_delivery = Histogram(
+            "session_manager_webhook_delivery_duration_seconds",
+            "Outbound webhook delivery attempts, by target origin and outcome (ok, error).",
+            ["target", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Whether a service id is still registered: set by the daemon once its registry exists.
+        self.is_registered: Callable[[str], bool] = lambda service_id: True
+        self._join_services: set[str] = set()
+
+    def observe_ready(self, seconds: float) -> None:
+        self.session_ready.observe(max(seconds, 0.0))
+
+    def observe_join_room(self, service_id: str, outcome: DispatchOutcome) -> None:
+        if service_id not in self._join_services:
+            self._forget_gone_services()
+            self._join_services.add(service_id)
+        self.join_room.labels(service_id, join_outcome(outcome)).observe(outcome.elapsed_ms / 1000)
+
+    def _forget_gone_services(self) -> None:
+        """Runs only when a service is seen for the first time: drops the series of the
+        registrations that are gone, so the label stays bounded by the registry's size."""
+        for service_id in [s for s in self._join_services if not self.is_registered(s)]:
+            self._join_services.discard(service_id)
+            for outcome in JOIN_OUTCOMES:
+                self.join_room.remove(service_id, outcome)  # a label set never seen: no-op
+
+    def observe_webhook(self, target: str, ok: bool, seconds: float) -> None:
+        self.webhook_delivery.labels(target, "ok" if ok else "error").observe(seconds)
