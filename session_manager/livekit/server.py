@@ -151,7 +151,9 @@ def new_config(
         rtc_udp_port=rtc_udp_port,
         webhook_urls=webhook_urls,
         api_key=api_key or MANAGED_API_KEY,
-        api_secret=api_secret or secrets.token_urlsafe(32),
+        # Hex: a secret that starts with "-" (as a URL-safe one may) is taken for a flag by
+        # every command line it is passed on (`--livekit-api-secret -x…`).
+        api_secret=api_secret or secrets.token_hex(32),
     )
 
 

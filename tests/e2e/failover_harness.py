@@ -63,7 +63,7 @@ def settings_flags(settings: Mapping[str, object]) -> list[str]:
     """Settings (snake_case names) as the manager's `--flag value` pairs."""
     argv: list[str] = []
     for name, value in settings.items():
-        argv += [f"--{name.replace('_', '-')}", str(value)]
+        argv.append(f"--{name.replace('_', '-')}={value}")  # "=": a value may start with "-"
     return argv
 
 

@@ -218,7 +218,8 @@ async def test_with_allow_unauthenticated_it_starts_and_warns(
         tmp_path,
         *("--host", NOT_LOOPBACK, "--port", str(port), "--allow-unauthenticated", "true"),
         *("--store", "memory", "--livekit-url", livekit.url),
-        *("--livekit-api-key", livekit.api_key, "--livekit-api-secret", livekit.api_secret),
+        f"--livekit-api-key={livekit.api_key}",
+        f"--livekit-api-secret={livekit.api_secret}",
     )
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(60):
