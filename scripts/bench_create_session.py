@@ -42,7 +42,7 @@ import time
 import uuid
 from asyncio.subprocess import Process
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -65,6 +65,7 @@ from bench_harness import (
     usable_cpus,
 )
 from livekit import api
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(PROJECT_ROOT))
 
@@ -87,7 +88,11 @@ SESSION_ATTRIBUTE = "session_manager.session_id"
 # The issue's target on a 2-core machine; reported, never asserted.
 P50_RATIO_TARGET = 1.3
 SESSIONS_PER_S_TARGET = 300
+P99_RATIO_TARGET = 1.5  # issue 14: p99 within 1.5x the simplest token server's
+DECAY_TARGET = 0.7  # issue 14: the slowest round keeps 70% of the fastest round's rate
 REQUEST_TIMEOUT = 30.0
+PREFILL_CONCURRENCY = 32
+GC_STALL = 0.025  # a full GC pause longer than this shows in a create-session's p99
 START_TIMEOUT = 30.0
 # The manager ends every live session (one DeleteRoom each) before it exits.
 MANAGER_STOP_TIMEOUT = 90.0
@@ -108,6 +113,9 @@ class Options:
     as_json: bool
     manager_profile: Path | None
     livekit_binary: str | None
+    peer: bool
+    live: int
+    manager_settings: tuple[str, ...]
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -149,7 +157,36 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--livekit-binary", help="livekit-server to run (default: .cache/bin or PATH)"
     )
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also measure a third path: the simplest token server a user could write instead "
+        "(scripts/peer_token_server.py: aiohttp + livekit-api, CreateRoom and a token), as a "
+        "process of its own like the manager",
+    )
+    parser.add_argument(
+        "--live",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first create N sessions through the manager (not measured) and keep them live, "
+        "so every path is measured with N more rooms in LiveKit and the manager carrying N "
+        "live sessions (default 0)",
+    )
+    parser.add_argument(
+        "--manager-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a manager setting as an environment variable SESSION_MANAGER_<NAME>, e.g. "
+        "store=memory (repeatable); max_live_sessions is raised to fit the run unless given",
+    )
     args = parser.parse_args(argv)
+    if args.live < 0:
+        parser.error("--live must not be negative")
+    for setting in args.manager_setting:
+        if "=" not in setting:
+            parser.error(f"--manager-setting {setting!r} is not NAME=VALUE")
     for name in ("sessions", "concurrency", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -165,6 +202,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         as_json=args.json,
         manager_profile=args.manager_profile.resolve() if args.manager_profile else None,
         livekit_binary=args.livekit_binary,
+        peer=args.peer,
+        live=args.live,
+        manager_settings=tuple(args.manager_setting),
     )
 
 
@@ -180,6 +220,9 @@ class Batch:
     errors: int = 0
     first_error: str | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used by each process
+    # The manager's garbage-collector pauses during the batch (manager batches only): count,
+    # total seconds and how many took over GC_STALL seconds, for full collections (gen 2).
+    gc_full: dict[str, float] = field(default_factory=dict)
 
 
 def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
@@ -230,9 +273,14 @@ class PathStats:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    p999_ms: float
     max_ms: float
     mean_ms: float
     sessions_per_s: float
+    round_sessions_per_s: list[float]  # each round's rate: a falling series is decay
+    round_p99_ms: list[float]
+    # the manager's full GC collections per round: count, total ms, over GC_STALL
+    round_gc_full: list[dict[str, float]]
     cpu_ms_per_session: dict[str, float]
     first_error: str | None
 
@@ -254,9 +302,19 @@ def summarize(path: str, batches: list[Batch], concurrency: int) -> PathStats:
         p50_ms=round(percentile(latencies, 50) * 1000, 3),
         p90_ms=round(percentile(latencies, 90) * 1000, 3),
         p99_ms=round(percentile(latencies, 99) * 1000, 3),
+        p999_ms=round(percentile(latencies, 99.9) * 1000, 3),
         max_ms=round(latencies[-1] * 1000, 3) if latencies else math.nan,
         mean_ms=round(sum(latencies) / len(latencies) * 1000, 3) if latencies else math.nan,
         sessions_per_s=round(len(latencies) / wall, 1) if wall > 0 else math.nan,
+        round_sessions_per_s=[
+            round(len(b.latencies) / b.wall, 1) if b.wall > 0 else math.nan for b in batches
+        ],
+        round_p99_ms=[round(percentile(sorted(b.latencies), 99) * 1000, 1) for b in batches],
+        round_gc_full=[
+            {k: round(v * 1000, 1) if k == "seconds" else v for k, v in b.gc_full.items()}
+            for b in batches
+            if b.gc_full
+        ],
         cpu_ms_per_session={name: round(ms, 3) for name, ms in cpu_ms.items()},
         first_error=first_error,
     )
@@ -319,8 +377,9 @@ def manager_operation(http: aiohttp.ClientSession, base_url: str, run_id: str) -
 # --- processes --------------------------------------------------------------------------------
 
 
-def manager_env(config: ManagedLiveKitConfig) -> dict[str, str]:
-    """Our environment without any manager or LiveKit setting, plus the LiveKit to use."""
+def manager_env(config: ManagedLiveKitConfig, settings: Mapping[str, str] = {}) -> dict[str, str]:
+    """Our environment without any manager or LiveKit setting, plus the LiveKit to use and the
+    manager settings given (as SESSION_MANAGER_<NAME>)."""
     env = clean_env()
     env.update(
         LIVEKIT_URL=config.url,
@@ -328,7 +387,18 @@ def manager_env(config: ManagedLiveKitConfig) -> dict[str, str]:
         LIVEKIT_API_SECRET=config.api_secret,
         PYTHONPATH=str(PROJECT_ROOT),
     )
+    env.update({f"SESSION_MANAGER_{name.upper()}": value for name, value in settings.items()})
     return env
+
+
+def manager_settings(options: Options) -> dict[str, str]:
+    """The settings given with --manager-setting; max_live_sessions is raised to hold every
+    session the run creates (pre-fill, warm-ups and measured ones) unless given."""
+    settings = dict(setting.split("=", 1) for setting in options.manager_settings)
+    settings = {name.strip().lower(): value for name, value in settings.items()}
+    needed = options.live + options.sessions + options.warmup * options.rounds + 1000
+    settings.setdefault("max_live_sessions", str(max(10_000, needed)))
+    return settings
 
 
 # `python -m session_manager`, with a cProfile that SIGUSR1 starts and SIGUSR2 stops (and
@@ -384,18 +454,52 @@ def running_livekit(
 
 
 def running_manager(
-    config: ManagedLiveKitConfig, port: int, workdir: Path, profile: Path | None
+    config: ManagedLiveKitConfig,
+    port: int,
+    workdir: Path,
+    profile: Path | None,
+    settings: Mapping[str, str],
 ) -> AbstractAsyncContextManager[Process]:
     workdir.mkdir()
     return running_process(
         "session-manager",
         manager_command(port, workdir / "data", profile),
         cwd=workdir,  # so no config/session-manager.toml of the caller's is picked up
-        env=manager_env(config),
+        env=manager_env(config, settings),
         probe_url=f"http://{HOST}:{port}{HEALTH_PATH}",
         start_timeout=START_TIMEOUT,
         stop_timeout=MANAGER_STOP_TIMEOUT,
     )
+
+
+def running_peer(
+    config: ManagedLiveKitConfig, port: int, workdir: Path
+) -> AbstractAsyncContextManager[Process]:
+    """scripts/peer_token_server.py on `port`: the simplest token server, the tail's yardstick."""
+    workdir.mkdir()
+    return running_process(
+        "peer-token-server",
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "scripts" / "peer_token_server.py"),
+            "--port",
+            str(port),
+        ],
+        cwd=workdir,
+        env=manager_env(config),
+        probe_url=f"http://{HOST}:{port}{HEALTH_PATH}",
+        start_timeout=START_TIMEOUT,
+        stop_timeout=LIVEKIT_STOP_TIMEOUT,
+    )
+
+
+async def prefill(operation: Operation, count: int) -> float:
+    """`count` sessions created (not measured) and left live; returns the seconds it took."""
+    started = time.perf_counter()
+    batch = await run_closed_loop(operation, count, PREFILL_CONCURRENCY)
+    if batch.errors:
+        raise RuntimeError(f"pre-fill failed {batch.errors} times: {batch.first_error}")
+    return time.perf_counter() - started
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -418,6 +522,27 @@ def machine_info(livekit_binary: str, load_before: float) -> dict[str, Any]:
     }
 
 
+async def gc_full_pauses(http: aiohttp.ClientSession, base_url: str) -> dict[str, float]:
+    """The manager's full-collection pauses so far, from its /metrics."""
+    async with http.get(base_url + "/metrics") as response:
+        text = await response.text()
+    totals = {"count": 0.0, "seconds": 0.0, "stalls": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name != "session_manager_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("generation") != "2":
+                continue
+            if sample.name.endswith("_count"):
+                totals["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                totals["seconds"] = sample.value
+            elif sample.name.endswith("_bucket") and sample.labels.get("le") == str(GC_STALL):
+                totals["stalls"] = -sample.value  # under the bound; turned into "over" below
+    totals["stalls"] += totals["count"]
+    return totals
+
+
 async def measure(
     name: str,
     make: Callable[[str], Operation],
@@ -425,6 +550,7 @@ async def measure(
     count: int,
     pids: Mapping[str, int],
     profiled_pid: int | None = None,
+    gc_reading: Callable[[], Awaitable[dict[str, float]]] | None = None,
 ) -> Batch:
     """One warm-up (not counted) and one measured batch of a path, with fresh room names.
 
@@ -440,6 +566,7 @@ async def measure(
     if profiled_pid is not None:
         os.kill(profiled_pid, signal.SIGUSR1)
         await asyncio.sleep(0.2)
+    gc_before = await gc_reading() if gc_reading else {}
     before = cpu_snapshot(pids)
     batch = await run_closed_loop(make(tag), count, options.concurrency)
     after = cpu_snapshot(pids)
@@ -448,6 +575,9 @@ async def measure(
     if profiled_pid is not None:
         os.kill(profiled_pid, signal.SIGUSR2)
     batch.cpu = {process: after[process] - before[process] for process in pids}
+    if gc_reading:
+        gc_after = await gc_reading()
+        batch.gc_full = {key: gc_after[key] - gc_before[key] for key in gc_after}
     return batch
 
 
@@ -459,7 +589,7 @@ def round_sizes(total: int, rounds: int) -> list[int]:
 async def benchmark(options: Options) -> dict[str, Any]:
     binary = find_binary(options.livekit_binary)
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure
-    manager_port = free_port()
+    manager_port, peer_port = free_port(), free_port()
     config = new_config(
         binary,
         host=HOST,
@@ -469,63 +599,111 @@ async def benchmark(options: Options) -> dict[str, Any]:
         webhook_urls=(f"http://{HOST}:{manager_port}{WEBHOOK_PATH}",),
     )
     run_id = uuid.uuid4().hex[:8]
-    batches: dict[str, list[Batch]] = {"direct": [], "manager": []}
+    names = ["direct", "manager", *(["peer"] if options.peer else [])]
+    batches: dict[str, list[Batch]] = {name: [] for name in names}
     connector_limit = max(256, 2 * options.concurrency)
+    settings = manager_settings(options)
+    prefill_seconds = 0.0
     with tempfile.TemporaryDirectory(prefix="bench-create-session-") as tmp:
-        async with (
-            running_livekit(config, Path(tmp) / "livekit") as livekit_process,
-            running_manager(
-                config, manager_port, Path(tmp) / "manager", options.manager_profile
-            ) as manager_process,
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=connector_limit),
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
-            ) as lk_http,
-            aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=connector_limit),
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
-            ) as manager_http,
-        ):
-            lk = api.LiveKitAPI(
-                config.url, config.api_key, config.api_secret, session=lk_http, failover=False
+        async with AsyncExitStack() as stack:
+            livekit_process = await stack.enter_async_context(
+                running_livekit(config, Path(tmp) / "livekit")
             )
-            base_url = f"http://{HOST}:{manager_port}"
-            paths: dict[str, Callable[[str], Operation]] = {
-                "direct": lambda tag: direct_operation(lk, config, f"{run_id}-{tag}"),
-                "manager": lambda tag: manager_operation(manager_http, base_url, f"{run_id}-{tag}"),
-            }
+            manager_process = await stack.enter_async_context(
+                running_manager(
+                    config, manager_port, Path(tmp) / "manager", options.manager_profile, settings
+                )
+            )
             pids = {
                 "client": os.getpid(),
                 "livekit": livekit_process.pid,
                 "manager": manager_process.pid,
             }
+            if options.peer:
+                peer_process = await stack.enter_async_context(
+                    running_peer(config, peer_port, Path(tmp) / "peer")
+                )
+                pids["peer"] = peer_process.pid
+            http = {
+                name: await stack.enter_async_context(
+                    aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=connector_limit),
+                        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+                    )
+                )
+                for name in names
+            }
+            lk = api.LiveKitAPI(
+                config.url,
+                config.api_key,
+                config.api_secret,
+                session=http["direct"],
+                failover=False,
+            )
+            stack.push_async_callback(lk.aclose)
+            manager_url = f"http://{HOST}:{manager_port}"
+            peer_url = f"http://{HOST}:{peer_port}"
+            paths: dict[str, Callable[[str], Operation]] = {
+                "direct": lambda tag: direct_operation(lk, config, f"{run_id}-{tag}"),
+                "manager": lambda tag: manager_operation(
+                    http["manager"], manager_url, f"{run_id}-{tag}"
+                ),
+                "peer": lambda tag: manager_operation(http["peer"], peer_url, f"{run_id}-{tag}"),
+            }
+            if options.live:
+                prefill_seconds = await prefill(paths["manager"](f"live-{run_id}"), options.live)
             for number, count in enumerate(round_sizes(options.sessions, options.rounds)):
-                order = ["direct", "manager"] if number % 2 == 0 else ["manager", "direct"]
+                # The path that goes first rotates from round to round.
+                order = names[number % len(names) :] + names[: number % len(names)]
                 for name in order:
                     profiling = name == "manager" and options.manager_profile is not None
                     profiled = manager_process.pid if profiling else None
-                    batch = await measure(name, paths[name], options, count, pids, profiled)
+                    reading = (
+                        (lambda: gc_full_pauses(http["manager"], manager_url))
+                        if name == "manager"
+                        else None
+                    )
+                    batch = await measure(
+                        name, paths[name], options, count, pids, profiled, reading
+                    )
                     batches[name].append(batch)
-            await lk.aclose()
-    direct = summarize("direct", batches["direct"], options.concurrency)
-    manager = summarize("manager", batches["manager"], options.concurrency)
-    return {
+    stats = {name: summarize(name, batches[name], options.concurrency) for name in names}
+    manager, direct = stats["manager"], stats["direct"]
+    report: dict[str, Any] = {
         "machine": machine_info(binary, load_before),
         "sessions": options.sessions,
         "concurrency": options.concurrency,
         "warmup": options.warmup,
         "rounds": options.rounds,
+        "live": options.live,
+        "prefill_seconds": round(prefill_seconds, 1),
+        "manager_settings": settings,
         "manager_profiled": options.manager_profile is not None,
-        "results": [asdict(direct), asdict(manager)],
+        "results": [asdict(stats[name]) for name in names],
         "p50_ratio_manager_over_direct": round(manager.p50_ms / direct.p50_ms, 3),
         "target": {
             "p50_ratio_max": P50_RATIO_TARGET,
             "p50_ratio_met": manager.p50_ms / direct.p50_ms <= P50_RATIO_TARGET,
             "manager_sessions_per_s_min": SESSIONS_PER_S_TARGET,
             "sessions_per_s_met": manager.sessions_per_s >= SESSIONS_PER_S_TARGET,
-            "no_errors": manager.errors == 0 and direct.errors == 0,
+            "no_errors": all(stat.errors == 0 for stat in stats.values()),
         },
     }
+    report["decay"] = {name: decay(stats[name]) for name in names}
+    if options.peer:
+        ratio = manager.p99_ms / stats["peer"].p99_ms
+        report["p99_ratio_manager_over_peer"] = round(ratio, 3)
+        report["target"]["p99_ratio_over_peer_max"] = P99_RATIO_TARGET
+        report["target"]["p99_ratio_over_peer_met"] = ratio <= P99_RATIO_TARGET
+    report["target"]["decay_min"] = DECAY_TARGET
+    report["target"]["decay_met"] = report["decay"]["manager"] >= DECAY_TARGET
+    return report
+
+
+def decay(stats: PathStats) -> float:
+    """The slowest round's rate over the fastest round's (1.0: no decay)."""
+    rates = [rate for rate in stats.round_sessions_per_s if not math.isnan(rate)]
+    return round(min(rates) / max(rates), 3) if rates else math.nan
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -540,26 +718,47 @@ def render_table(report: dict[str, Any]) -> str:
         f"aiohttp {machine['aiohttp']}, manager at {machine['manager_revision']}, "
         f"load average before {machine['load_avg_1min_before']}",
         f"run:     {report['sessions']} sessions per path in {report['rounds']} round(s), "
-        f"first path alternating; warm-up {report['warmup']} per batch, not counted"
+        f"first path rotating; warm-up {report['warmup']} per batch, not counted"
         + ("; manager under cProfile (slower)" if report["manager_profiled"] else ""),
+    ]
+    if report["live"]:
+        lines.append(
+            f"         {report['live']} sessions created first through the manager and kept "
+            f"live ({report['prefill_seconds']} s)"
+        )
+    lines += [
         "",
-        f"{'path':<8} {'n':>6} {'conc':>5} {'err':>4} {'p50 ms':>8} {'p90 ms':>8} "
-        f"{'p99 ms':>8} {'max ms':>8} {'sessions/s':>11}   CPU ms per session: "
-        "client + livekit + manager = total",
+        f"{'path':<8} {'n':>6} {'conc':>5} {'err':>4} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'p99.9 ms':>9} {'max ms':>8} {'sessions/s':>11}   CPU ms per session by process",
     ]
     for row in report["results"]:
         cpu = row["cpu_ms_per_session"]
         lines.append(
             f"{row['path']:<8} {row['n']:>6} {row['concurrency']:>5} {row['errors']:>4} "
-            f"{row['p50_ms']:>8.2f} {row['p90_ms']:>8.2f} {row['p99_ms']:>8.2f} "
+            f"{row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} {row['p999_ms']:>9.2f} "
             f"{row['max_ms']:>8.2f} {row['sessions_per_s']:>11.1f}   "
-            f"{cpu['client']:.2f} + {cpu['livekit']:.2f} + {cpu['manager']:.2f} "
-            f"= {sum(cpu.values()):.2f}"
+            + " + ".join(f"{name} {ms:.2f}" for name, ms in cpu.items())
+            + f" = {sum(cpu.values()):.2f}"
         )
         if row["first_error"]:
             lines.append(f"         first error: {row['first_error']}")
+    lines += ["", "per round (sessions/s, p99 ms):"]
+    for row in report["results"]:
+        rounds = ", ".join(
+            f"{rate:.0f}/{p99:.0f}"
+            for rate, p99 in zip(row["round_sessions_per_s"], row["round_p99_ms"], strict=True)
+        )
+        lines.append(
+            f"  {row['path']:<8} {rounds}   (slowest/fastest rate {report['decay'][row['path']]})"
+        )
+        for number, gc_round in enumerate(row["round_gc_full"]):
+            lines.append(
+                f"           round {number + 1}: {gc_round['count']:.0f} full GC collections, "
+                f"{gc_round['seconds']:.0f} ms in all, {gc_round['stalls']:.0f} over "
+                f"{GC_STALL * 1000:.0f} ms"
+            )
     target = report["target"]
-    manager = report["results"][1]
+    manager = next(row for row in report["results"] if row["path"] == "manager")
     lines += [
         "",
         f"manager p50 / direct p50 = {report['p50_ratio_manager_over_direct']:.2f}   "
@@ -567,7 +766,16 @@ def render_table(report: dict[str, Any]) -> str:
         f"manager sessions/s       = {manager['sessions_per_s']:.1f}   "
         f"(target >= {target['manager_sessions_per_s_min']}: "
         f"{_verdict(target['sessions_per_s_met'])})",
+        f"manager decay            = {report['decay']['manager']:.2f}   "
+        f"(slowest round over fastest, target >= {target['decay_min']}: "
+        f"{_verdict(target['decay_met'])})",
     ]
+    if "p99_ratio_manager_over_peer" in report:
+        lines.append(
+            f"manager p99 / peer p99   = {report['p99_ratio_manager_over_peer']:.2f}   "
+            f"(target <= {target['p99_ratio_over_peer_max']}: "
+            f"{_verdict(target['p99_ratio_over_peer_met'])})"
+        )
     if not target["no_errors"]:
         lines.append("some requests failed: see the err column")
     return "\n".join(lines)

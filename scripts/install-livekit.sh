@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds livekit-server at a pinned tag from the Go module proxy into .cache/bin/.
 # Later runs find the binary there and skip the build (a cold build takes about 3 minutes).
+# For a clone (the tests run this one); an installed package has `session-manager
+# install-livekit`, which builds the same tag into the per-user cache. The default tag below must
+# equal LIVEKIT_TAG in session_manager/livekit/install.py and the Dockerfile's (a unit test checks).
 set -euo pipefail
 LIVEKIT_TAG="${LIVEKIT_TAG:-v1.13.5}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

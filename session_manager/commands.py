@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from session_manager.livekit.webhooks import RoomEvent
@@ -177,6 +178,16 @@ class HealthChecked:
 
 
 @dataclass(frozen=True)
+class ProcessLost:
+    """An SDK instance's presence connection was lost without a goodbye and not restored
+    within its grace (here or, in a cluster, on another process): its process is dead."""
+
+    service_id: str
+    gone_at: datetime  # when its connection went
+    detected_at: datetime  # when the grace ran out and it was declared lost
+
+
+@dataclass(frozen=True)
 class LiveKitLost:
     """LiveKit went down. `rooms_lost`: every room is certainly gone (a managed single node
     that died); otherwise we cannot know until it answers again."""
@@ -193,6 +204,11 @@ class LiveKitBack:
 @dataclass(frozen=True)
 class ReconcileRooms:
     """Time to compare LiveKit's rooms with the live sessions (see the supervisor)."""
+
+
+@dataclass(frozen=True)
+class TendPools:
+    """Time to end the warm pools' idle members and start the fills that are due."""
 
 
 @dataclass(frozen=True)
@@ -256,9 +272,11 @@ SupervisorMessage = (
     | LiveKitEvent
     | ActorExited
     | HealthChecked
+    | ProcessLost
     | LiveKitLost
     | LiveKitBack
     | ReconcileRooms
+    | TendPools
     | SessionsLost
     | AdoptSessions
     | RemoteWebhook

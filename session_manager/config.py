@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from session_manager.api.auth import RateLimit, parse_api_keys
 from session_manager.egress import DEFAULT_ENDPOINT_ALLOW, EndpointAllow
+from session_manager.pools import WarmPoolSetting, check_pools
 
 ENV_PREFIX = "SESSION_MANAGER_"
 DEFAULT_CONFIG_FILE = Path("config/session-manager.toml")
@@ -72,7 +74,9 @@ class Settings(BaseModel):
         None, description="LiveKit URL handed to clients and services (default: livekit_url)"
     )
     livekit_server_binary: str | None = Field(
-        None, description="managed livekit-server binary (default: .cache/bin or PATH)"
+        None,
+        description="managed livekit-server binary (default: the cache of `session-manager "
+        "install-livekit`, a clone's .cache/bin, then PATH)",
     )
     livekit_port: int = Field(7880, ge=1, le=65535, description="managed LiveKit HTTP port")
     livekit_rtc_tcp_port: int = Field(7881, ge=1, le=65535, description="managed LiveKit TCP")
@@ -126,6 +130,19 @@ class Settings(BaseModel):
     health_concurrency: int = Field(
         64, ge=1, le=10_000, description="health checks in flight at once, at most"
     )
+    presence_interval: float = Field(
+        0.25, gt=0, le=10, description="seconds between presence beats, each way (SDK services)"
+    )
+    presence_timeout: float = Field(
+        0.75, gt=0, le=60, description="seconds of presence silence that end the connection"
+    )
+    presence_grace: float = Field(
+        0.3,
+        ge=0,
+        le=60,
+        description="seconds a dropped SDK instance has to reconnect before "
+        "it is lost and its sessions move",
+    )
     endpoint_allow: list[str] = Field(
         default_factory=lambda: list(DEFAULT_ENDPOINT_ALLOW),
         description="CIDRs and host names microservice endpoints may use; link-local, multicast, "
@@ -178,11 +195,22 @@ class Settings(BaseModel):
         description="requests a second per API key (per client address without keys) and the "
         "burst, e.g. '10/20'; past it 429",
     )
+    gc_pacing: bool = Field(
+        True,
+        description="run Python's full garbage collections small and often (every 0.1 s, then "
+        "freeze the survivors) instead of one pause that grows with the live sessions",
+    )
     max_live_sessions: int = Field(
         10_000, ge=1, description="live sessions at most; past it a create gets 503 AtCapacity"
     )
     max_sessions_per_user: int | None = Field(
         None, ge=1, description="live sessions of one user_identity at most; past it 429"
+    )
+    warm_pools: list[WarmPoolSetting] = Field(
+        default_factory=list,
+        description="warm pools: rooms kept with their services joined, e.g. "
+        '[{services = ["type:ASR", "type:TTS"], size = 5, max_idle = 600}] '
+        "(env/flag: JSON); see README 'Warm pools'",
     )
     max_event_streams: int = Field(
         10_000, ge=1, description="open event streams (SSE) at most; past it 429"
@@ -262,6 +290,22 @@ class Settings(BaseModel):
     @classmethod
     def _valid_rate(cls, value: str | None) -> str | None:
         return None if value is None else str(RateLimit.parse(value))
+
+    @field_validator("warm_pools", mode="before")
+    @classmethod
+    def _parse_pools(cls, value: object) -> object:
+        # From the environment or a flag the list comes as one JSON string.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("must be a JSON list of pools") from None
+        return value
+
+    @field_validator("warm_pools")
+    @classmethod
+    def _bounded_pools(cls, pools: list[WarmPoolSetting]) -> list[WarmPoolSetting]:
+        return check_pools(pools)
 
     @field_validator("endpoint_allow", mode="before")
     @classmethod
@@ -369,7 +413,9 @@ def load_settings(
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "?"
-        where = origin.get(field, "default")
+        # A nested field (warm_pools.0.size) came from where its setting did.
+        top = str(first["loc"][0]) if first["loc"] else field
+        where = origin.get(field) or origin.get(top, "default")
         if first["type"] == "extra_forbidden":
             raise SettingsError(f"unknown setting {field} (from {where})") from None
         raise SettingsError(f"invalid setting {field} (from {where}): {first['msg']}") from None
@@ -417,7 +463,13 @@ def _check_webhooks(settings: Settings) -> None:
 
 
 def _check_cluster(settings: Settings) -> None:
-    """Managers sharing a Redis share one LiveKit: a managed one would be one per process."""
+    """Managers sharing a Redis share one LiveKit: a managed one would be one per process.
+    Warm pools are one process's: with several managers they are refused (README)."""
+    if settings.store == "redis" and settings.warm_pools:
+        raise SettingsError(
+            "invalid setting warm_pools: not available with store = redis (a pool's members "
+            "belong to one process and would not count toward the cluster's max_live_sessions)"
+        )
     if settings.store == "redis" and settings.livekit_url is None:
         raise SettingsError(
             "invalid setting livekit_url: required when store = redis (the managers sharing a "

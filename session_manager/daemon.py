@@ -1,9 +1,9 @@
 """Builds the manager's long-lived parts in named stages and tears them down in reverse.
 
 store -> events -> retention -> registry -> LiveKit (managed child or external) and gateway ->
-microservice client -> sessions (the supervisor) -> LiveKit watch -> health monitor. Each teardown
-stage has its own timeout and its own error handling, so one stuck stage is logged and the next
-one still runs.
+microservice client -> sessions (the supervisor) -> presence -> LiveKit watch -> health monitor.
+Each teardown stage has its own timeout and its own error handling, so one stuck stage is logged
+and the next one still runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from session_manager.dispatch import DispatchPolicy, MicroserviceClient
 from session_manager.egress import EndpointAllow, EndpointGuard
 from session_manager.errors import ManagerError, StartupFailed
 from session_manager.events import EventLog, OutboundWebhooks, WebhookPolicy, WebhookTarget
+from session_manager.gc_pauses import GcPauseRecorder
 from session_manager.health_board import CLUSTER, STORE, SUPERVISOR, HealthBoard, Problem
 from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, make_endpoint
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
@@ -32,7 +33,8 @@ from session_manager.livekit.webhooks import WebhookVerifier
 from session_manager.metrics import Metrics
 from session_manager.redis_connection import RedisUrl
 from session_manager.registry import Registry
-from session_manager.registry.health import HealthMonitor, HealthResults
+from session_manager.registry.health import HealthMonitor, HealthResults, health_session
+from session_manager.registry.presence import PresenceBoard, PresencePolicy
 from session_manager.session.deps import SessionDeps
 from session_manager.session.record import SessionRecord
 from session_manager.store import MemoryStore, SqliteStore, Store
@@ -85,6 +87,7 @@ class Daemon:
         self.egress: EndpointGuard
         self.supervisor: Supervisor
         self.health: HealthMonitor
+        self.presence: PresenceBoard
         self.livekit_server: ManagedLiveKitServer | None = None
         self.node_id = uuid.uuid4().hex[:16]  # this process among the managers on one Redis
         self.cluster: ClusterNode | None = None
@@ -98,6 +101,9 @@ class Daemon:
             self.failed.set()
 
     async def start(self) -> None:
+        gc_pauses = GcPauseRecorder(self.metrics.observe_gc_pause)
+        gc_pauses.open()
+        self._stack.callback(gc_pauses.close)
         try:
             for name, stage in (
                 ("store", self._open_store),
@@ -108,6 +114,7 @@ class Daemon:
                 ("microservice client", self._start_microservice_client),
                 ("cluster", self._join_cluster),
                 ("sessions", self._start_sessions),
+                ("presence", self._start_presence),
                 ("livekit watch", self._watch_livekit),
                 ("health monitor", self._start_health_monitor),
             ):
@@ -264,6 +271,7 @@ class Daemon:
             max_session_duration=settings.max_session_duration,
             persist=self._persist_session,
             on_ready=self.metrics.observe_ready,
+            on_failover=self.metrics.observe_failover,
         )
         # Sessions are kept at shutdown only where the next process can adopt them: a stored
         # session (not the memory store) in a room that outlives this process (not the managed
@@ -294,9 +302,35 @@ class Daemon:
             max_services=settings.max_services,
             keep_sessions_at_shutdown=keep,
             cluster=self.cluster,
+            warm_pools=settings.warm_pools,
         )
         await self.supervisor.start(adopted)
         self._stage("sessions", lambda: self.supervisor.aclose(settings.shutdown_timeout))
+
+    async def _start_presence(self) -> None:
+        """SDK instances' presence connections (`registry.presence`): a loss without a goodbye
+        is a dead process. Closed (judging nothing) before the sessions stop."""
+        settings, registry = self.settings, self.registry
+        cluster = self.cluster
+
+        def draining(service_id: str) -> bool:
+            record = registry.find(service_id)
+            return record is not None and record.draining
+
+        self.presence = PresenceBoard(
+            PresencePolicy(
+                interval=settings.presence_interval,
+                timeout=settings.presence_timeout,
+                grace=settings.presence_grace,
+            ),
+            on_lost=self.supervisor.process_lost,
+            is_draining=draining,
+            share=cluster.bus.share_presence if cluster is not None else None,
+        )
+        if cluster is not None:
+            cluster.bus.presence_seen = self.presence.remote_seen
+            cluster.bus.presence_lost = self.presence.remote_lost
+        self._stage("presence", self.presence.aclose)
 
     def _takeover(self, rooms_survive: bool) -> SessionTakeOver:
         settings = self.settings
@@ -367,11 +401,10 @@ class Daemon:
     async def _start_health_monitor(self) -> None:
         settings = self.settings
         # A pool of its own, at most health_concurrency checks at once: slow or dead
-        # registrations cannot take the connections join-room needs.
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=settings.health_concurrency, resolver=self.egress.resolver
-            )
+        # registrations cannot take the connections join-room needs. Its connections are kept
+        # alive between checks, so a check every 0.5 s opens no new one.
+        http = health_session(
+            concurrency=settings.health_concurrency, resolver=self.egress.resolver
         )
         self._stage("health client", http.close)
         client = MicroserviceClient(

@@ -58,20 +58,41 @@ class JoinRoomRequest:
     session_metadata: JsonDict = field(default_factory=dict)
     user_identity: str = ""
     user_name: str | None = None
+    # A warm pool's member (`session_manager.pools`): no user yet; `session-started` brings the
+    # user and the metadata when one takes the room. Sent only when true.
+    pooled: bool = False
 
     def body(self) -> bytes:
-        return orjson.dumps(
-            {
-                "session_id": self.session_id,
-                "room_name": self.room_name,
-                "service_identity": self.service_identity,
-                "access_token": self.access_token,
-                "livekit_url": self.livekit_url,
-                "session_metadata": self.session_metadata,
-                "user_identity": self.user_identity,
-                "user_name": self.user_name,
-            }
-        )
+        body: JsonDict = {
+            "session_id": self.session_id,
+            "room_name": self.room_name,
+            "service_identity": self.service_identity,
+            "access_token": self.access_token,
+            "livekit_url": self.livekit_url,
+            "session_metadata": self.session_metadata,
+            "user_identity": self.user_identity,
+            "user_name": self.user_name,
+        }
+        if self.pooled:
+            body["pooled"] = True
+        return orjson.dumps(body)
+
+
+@dataclass(frozen=True)
+class SessionStartedRequest:
+    """`POST {endpoint}/session-started`: a warm pool's room a service is already in was handed
+    to a user; the session-context fields of join-room, now known."""
+
+    session_id: str
+    room_name: str
+    service_identity: str
+    session_metadata: JsonDict
+    user_identity: str
+    user_name: str | None
+    pool: str
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.__dict__)
 
 
 def service_metadata(metadata: JsonDict) -> JsonDict:
@@ -284,6 +305,31 @@ class MicroserviceClient:
         return await self._simple_call(
             "leave-room", "POST", endpoint, service_id, body, self._policy.timeout
         )
+
+    async def session_started(self, endpoint: str, request: SessionStartedRequest) -> str | None:
+        """Tell a service in a warm pool's room whose session it now is; one attempt, signed
+        like join-room. Returns the error, if any; a 404 (a service that does not implement
+        it) is no error: it keeps serving, without the context."""
+        try:
+            status, _ = await self._call(
+                "POST",
+                endpoint,
+                "session-started",
+                service_id=request.service_identity,
+                body=request.body(),
+                timeout=self._policy.timeout,
+            )
+        except _NotAllowed:
+            return f"session-started {NOT_ALLOWED}"
+        except _TooLarge:
+            return f"session-started {TOO_LARGE}"
+        except TimeoutError:
+            return f"session-started timed out after {self._policy.timeout}s"
+        except aiohttp.ClientError as exc:
+            return _failed("session-started", exc)
+        if status < 300 or status == 404:
+            return None
+        return f"session-started answered HTTP {status}"
 
     async def check_health(
         self, endpoint: str, timeout: float, *, service_id: str | None = None

@@ -26,6 +26,16 @@ LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 # Seconds from create to Ready: services join in seconds, join_timeout is minutes at most.
 READY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 
+# Seconds from an instance's loss to its replacement's join: under 2 s is the aim for a lost
+# SDK process; a health-checked or LiveKit-noticed loss takes tens of seconds.
+FAILOVER_BUCKETS: Final = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+# The causes (`session.messages.FailoverCause`): a bounded label.
+FAILOVER_CAUSES: Final = ("process lost", "health", "left room", "drain", "dispatch failed")
+
+# Seconds: a young collection takes well under a millisecond, a full one over a large heap can
+# take tens of milliseconds (the stall a create-session's p99 would show).
+GC_PAUSE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
 JOIN_OUTCOMES: Final = ("ok", "declined", "failed")
 
 
@@ -75,12 +85,35 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.failover = Histogram(
+            "session_manager_failover_seconds",
+            "Time from a service instance's loss to its replacement's join, by cause.",
+            ["cause"],
+            buckets=FAILOVER_BUCKETS,
+            registry=self.registry,
+        )
+        self.gc_pause = Histogram(
+            "session_manager_gc_pause_seconds",
+            "Pauses of the Python garbage collector, by generation (2: a full collection).",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=self.registry,
+        )
         # Whether a service id is still registered: set by the daemon once its registry exists.
         self.is_registered: Callable[[str], bool] = lambda service_id: True
         self._join_services: set[str] = set()
 
+    def observe_gc_pause(self, generation: int, seconds: float) -> None:
+        self.gc_pause.labels(str(generation) if generation in (0, 1, 2) else "other").observe(
+            seconds
+        )
+
     def observe_ready(self, seconds: float) -> None:
         self.session_ready.observe(max(seconds, 0.0))
+
+    def observe_failover(self, cause: str, seconds: float) -> None:
+        label = cause if cause in FAILOVER_CAUSES else "other"
+        self.failover.labels(label).observe(max(seconds, 0.0))
 
     def observe_join_room(self, service_id: str, outcome: DispatchOutcome) -> None:
         if service_id not in self._join_services:

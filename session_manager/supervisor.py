@@ -28,8 +28,10 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
+from session_manager.clock import utc_now
 from session_manager.cluster.bus import SessionCommand
 from session_manager.cluster.node import ClusterNode
 from session_manager.commands import (
@@ -53,6 +55,7 @@ from session_manager.commands import (
     LiveKitEvent,
     LiveKitLost,
     NewSession,
+    ProcessLost,
     ReconcileRooms,
     RegisterService,
     RegistryChanged,
@@ -61,6 +64,7 @@ from session_manager.commands import (
     RotateServiceSecret,
     SessionsLost,
     SupervisorMessage,
+    TendPools,
     UpdateService,
 )
 from session_manager.errors import (
@@ -80,9 +84,10 @@ from session_manager.events import EventLog, EventType
 from session_manager.health_board import CLUSTER, LIVEKIT, STORE, SUPERVISOR, HealthBoard
 from session_manager.livekit.webhooks import RoomEvent
 from session_manager.periodic import Periodic
+from session_manager.pools import Pool, WarmPools, WarmPoolSetting, pool_view
 from session_manager.registry import Registry, ServiceRecord
 from session_manager.registry.health import HealthResults
-from session_manager.registry.registry import ServiceStatus
+from session_manager.registry.registry import HealthChange, ServiceStatus
 from session_manager.session.actor import SessionActor
 from session_manager.session.deps import (
     SessionDeps,
@@ -93,6 +98,9 @@ from session_manager.session.deps import (
 from session_manager.session.messages import (
     AddService,
     Adopt,
+    Claim,
+    CreateOptions,
+    FailoverCause,
     InstanceLost,
     RemoveService,
     RoomEventArrived,
@@ -102,6 +110,7 @@ from session_manager.session.messages import (
     Terminate,
     settle,
 )
+from session_manager.session.pool_member import PoolMemberActor
 from session_manager.session.record import AGENT_PREFIX, JsonDict, ServiceSlot, SessionRecord
 from session_manager.session.states import LIVE_STATUSES, SessionStatus
 from session_manager.store.base import Store
@@ -116,9 +125,12 @@ TERMINATED_BY_REQUEST = "terminated by request"
 # caller can ask for, timeout_secs, is 3600 s).
 ASK_TIMEOUT = 3700.0
 SEEN_WEBHOOKS = 10_000  # webhook ids remembered, so one LiveKit sends twice is acted on once
+PROCESS_LOST = "process lost"  # a lost instance's last_error, and its health event's error
 # Retry-After (seconds) of a create refused by max_live_sessions or max_sessions_per_user, and
 # of a registration refused by max_services: sessions end and services leave in that time scale.
 LIMIT_RETRY_AFTER = 10
+POOL_TEND_INTERVAL = 0.5  # seconds between looks at the warm pools (expiry, fills due)
+NO_USER = ""  # a warm pool member's user_identity until it is handed out (never a user's)
 
 
 @dataclass
@@ -155,8 +167,13 @@ class Supervisor:
         max_services: int = 10_000,
         keep_sessions_at_shutdown: bool = False,
         cluster: ClusterNode | None = None,
+        warm_pools: list[WarmPoolSetting] | None = None,
     ) -> None:
         self._cluster = cluster
+        self._pools = WarmPools(warm_pools or ())
+        self._pool_tending = Periodic(
+            "pool-keeper", self._ask_to_tend_pools, interval=POOL_TEND_INTERVAL
+        )
         self._events = events
         self._keep_sessions_at_shutdown = keep_sessions_at_shutdown
         self._max_live_sessions = max_live_sessions
@@ -222,6 +239,10 @@ class Supervisor:
         """Called by the health monitor after each round."""
         self.tell(HealthChecked(results))
 
+    def process_lost(self, service_id: str, gone_at: datetime) -> None:
+        """Called by the presence board when an SDK instance's process is known dead."""
+        self.tell(ProcessLost(service_id, gone_at, utc_now()))
+
     def livekit_lost(self, reason: str, rooms_lost: bool) -> None:
         """Called by the LiveKit watch when LiveKit goes down."""
         self.tell(LiveKitLost(reason, rooms_lost))
@@ -250,6 +271,9 @@ class Supervisor:
                 RegistryChanged(sid, status)
             )
         self._room_sweeps.start()
+        if self._pools:
+            self._pool_tending.start()
+            self.tell(TendPools())
 
     def _adopt(self, adoptions: list[Adoption]) -> None:
         for adoption in adoptions:
@@ -276,8 +300,10 @@ class Supervisor:
                 return
             self.drain()
             children = list(self._children.values())
+            self._pools.release_all()
             for child in children:
-                if self._keep_sessions_at_shutdown:
+                # A warm pool's member has no user to keep it for: it ends, even in `keep`.
+                if self._keep_sessions_at_shutdown and not _unclaimed(child.actor):
                     child.actor.detach()
                 else:
                     child.actor.tell(Terminate("manager shutting down"))
@@ -292,6 +318,7 @@ class Supervisor:
                     await cancel_and_wait(pending)
             self._closed = True
             await self._room_sweeps.aclose()
+            await self._pool_tending.aclose()
             if self._keep_sessions_at_shutdown and self._cluster is not None:
                 # Their last views first, then their leases: other processes adopt them now.
                 try:
@@ -400,8 +427,12 @@ class Supervisor:
                 self._reap(session_id, task)
             case HealthChecked(results=results):
                 self._on_health_checked(results)
+            case ProcessLost():
+                self._on_process_lost(message)
             case LiveKitLost(reason=reason, rooms_lost=rooms_lost):
                 self._on_livekit_lost(reason, rooms_lost)
+            case TendPools():
+                self._tend_pools()
             case LiveKitBack() | ReconcileRooms():
                 compare = self._reconcile_rooms(time.monotonic())
                 self._offload(self._deps.gateway.list_rooms(), then=compare)
@@ -527,33 +558,55 @@ class Supervisor:
     def _on_health_checked(self, results: HealthResults) -> None:
         for service_id, error in results:
             change = self._registry.record_health(service_id, error)
-            if change is None:
-                continue
-            level = logging.WARNING if change.new is ServiceStatus.UNHEALTHY else logging.INFO
-            log.log(
-                level,
-                "microservice health changed",
-                extra={
-                    "service_id": service_id,
-                    "old": change.old.value,
-                    "new": change.new.value,
-                    "error": change.error,
-                },
-            )
-            self._events.append(
-                EventType.MICROSERVICE_HEALTH_CHANGED,
-                service_id=change.service_id,
-                data={"old": change.old.value, "new": change.new.value, "error": change.error},
-            )
-            if change.new is not ServiceStatus.UNHEALTHY:
-                continue
-            # Sessions lose an instance that turned Unhealthy at once, instead of waiting the
-            # ~20 s LiveKit takes to notice it is gone.
-            record = self._registry.find(service_id)
-            for session_id in sorted(record.sessions) if record else ():
-                child = self._children.get(session_id)
-                if child is not None:
-                    child.actor.tell(InstanceLost(service_id, f"unhealthy: {change.error}"))
+            if change is not None:
+                lost = InstanceLost(service_id, f"unhealthy: {error}", detected_at=utc_now())
+                self._health_changed(change, lost)
+
+    def _on_process_lost(self, message: ProcessLost) -> None:
+        """An SDK instance's process is dead: Unhealthy with error "process lost" at once,
+        and its sessions move now (told when it went and when that was known)."""
+        sid = message.service_id
+        change = self._registry.record_lost(sid, PROCESS_LOST)
+        if change is None:
+            return  # gone from the registry, or already Unhealthy (its sessions were told)
+        lost = InstanceLost(
+            sid,
+            PROCESS_LOST,
+            cause=FailoverCause.PROCESS_LOST,
+            gone_at=message.gone_at,
+            detected_at=message.detected_at,
+        )
+        detect_ms = round((message.detected_at - message.gone_at).total_seconds() * 1000, 1)
+        self._health_changed(change, lost, detect_ms=detect_ms)
+
+    def _health_changed(
+        self, change: HealthChange, lost: InstanceLost, *, detect_ms: float | None = None
+    ) -> None:
+        service_id = change.service_id
+        level = logging.WARNING if change.new is ServiceStatus.UNHEALTHY else logging.INFO
+        log.log(
+            level,
+            "microservice health changed",
+            extra={
+                "service_id": service_id,
+                "old": change.old.value,
+                "new": change.new.value,
+                "error": change.error,
+            },
+        )
+        data: JsonDict = {"old": change.old.value, "new": change.new.value, "error": change.error}
+        if detect_ms is not None:
+            data["detect_ms"] = detect_ms  # from the connection's loss to the verdict
+        self._events.append(EventType.MICROSERVICE_HEALTH_CHANGED, service_id=service_id, data=data)
+        if change.new is not ServiceStatus.UNHEALTHY:
+            return
+        # Sessions lose an instance that turned Unhealthy at once, instead of waiting the
+        # ~20 s LiveKit takes to notice it is gone.
+        record = self._registry.find(service_id)
+        for session_id in sorted(record.sessions) if record else ():
+            child = self._children.get(session_id)
+            if child is not None:
+                child.actor.tell(lost)
 
     # LiveKit ---------------------------------------------------------------------------------
 
@@ -707,7 +760,8 @@ class Supervisor:
         if store is not None:
             raise StoreUnavailable(f"sessions cannot be stored now: {store.reason}")
         self._store.check_capacity()
-        if len(self._children) >= self._max_live_sessions:
+        # A create a warm pool's member serves takes no more room: the member held it.
+        if len(self._children) >= self._max_live_sessions and not self._pool_serves(spec):
             raise AtCapacity(
                 f"the session manager runs its most live sessions ({self._max_live_sessions})",
                 retry_after=LIMIT_RETRY_AFTER,
@@ -822,6 +876,8 @@ class Supervisor:
             raise _different_body(key)
 
     def _spawn_session(self, spec: NewSession, reply: asyncio.Future[SessionCreated]) -> None:
+        if self._pools and self._take_from_pool(spec, reply):
+            return
         session_id = str(uuid.uuid4())
         room_name = spec.room_name or f"room-{session_id}"
         if room_name in self._rooms:
@@ -858,9 +914,11 @@ class Supervisor:
             extra={"session_id": session_id, "room_name": room_name, "services": len(chosen)},
         )
 
-    def _run_actor(self, session: SessionRecord, first: SessionMessage) -> None:
+    def _run_actor(
+        self, session: SessionRecord, first: SessionMessage, actor: SessionActor | None = None
+    ) -> None:
         session_id = session.session_id
-        actor = SessionActor(session, self._deps, self._publish)
+        actor = actor or SessionActor(session, self._deps, self._publish)
         task = asyncio.create_task(actor.run(), name=f"session-{session_id}")
         task.add_done_callback(lambda done: self.tell(ActorExited(session_id, done)))
         self._children[session_id] = _Child(actor, task)
@@ -903,6 +961,220 @@ class Supervisor:
             chosen[requirement] = record
         return chosen
 
+    # warm pools (`session_manager.pools`): the keeper's book is `_pools`; this loop acts on it
+
+    def pool_views(self) -> list[JsonDict]:
+        """Every warm pool, its members and counters (for GET /api/v1/pools; read-only)."""
+        views = []
+        now = time.monotonic()
+        for pool in self._pools.pools.values():
+            members = []
+            for session_id, member in pool.members.items():
+                child = self._children.get(session_id)
+                record = child.actor.record if child else None
+                members.append(
+                    {
+                        "session_id": session_id,
+                        "status": record.status.value if record else "Terminated",
+                        "age_s": round(now - member.started, 3),
+                        "service_ids": [
+                            slot.service_id for slot in (record.services if record else {}).values()
+                        ],
+                    }
+                )
+            ready = self.pool_ready(pool)
+            views.append(pool_view(pool, ready, members, self._pools.retry_in(pool)))
+        return views
+
+    def pool_ready(self, pool: Pool) -> int:
+        """How many of a pool's members could be handed out now."""
+        return sum(1 for sid in pool.members if self._member_usable(sid, None))
+
+    @property
+    def pools(self) -> WarmPools:
+        return self._pools
+
+    async def _ask_to_tend_pools(self) -> None:
+        self.tell(TendPools())
+
+    def _member_usable(self, session_id: str, user_identity: str | None) -> bool:
+        """A member may be handed out: Ready with every service joined, and each of its
+        instances still registered, not Unhealthy, not draining (nor the user's identity)."""
+        child = self._children.get(session_id)
+        actor = child.actor if child is not None else None
+        if not isinstance(actor, PoolMemberActor) or not actor.ready_to_hand_out:
+            return False
+        for slot in actor.record.services.values():
+            service = self._registry.find(slot.service_id)
+            if (
+                service is None
+                or service.draining
+                or service.status is ServiceStatus.UNHEALTHY
+                or slot.service_id == user_identity
+            ):
+                return False
+        return True
+
+    def _pool_serves(self, spec: NewSession | None) -> bool:
+        pool = self._pools.match(spec.required_services, spec.room_name) if spec else None
+        return pool is not None and any(
+            self._member_usable(sid, spec.user_identity) for sid in pool.members if spec
+        )
+
+    def _take_from_pool(self, spec: NewSession, reply: asyncio.Future[SessionCreated]) -> bool:
+        """Serve a create with a Ready member of the pool its requirements match: True when
+        one was handed out (the answer comes from it), False to dispatch as usual (a miss, or
+        no pool for these requirements)."""
+        pool = self._pools.match(spec.required_services, spec.room_name)
+        if pool is None:
+            return False
+        user = spec.user_identity
+        member_id = self._pools.take(pool, lambda sid: self._member_usable(sid, user))
+        if member_id is None:
+            log.debug("warm pool miss", extra={"pool": pool.name})
+            self._events.append(EventType.POOL_MISS, data={"pool": pool.name})
+            self._fill_pools()
+            return False
+        actor = self._children[member_id].actor
+        self._count_user(NO_USER, -1)
+        self._count_user(user, 1)
+        claimed: asyncio.Future[SessionCreated] = asyncio.get_running_loop().create_future()
+        then = self._claim_failed(spec, reply, actor, pool)
+
+        def answer(done: asyncio.Future[SessionCreated]) -> None:
+            error = None if done.cancelled() else done.exception()
+            if not done.cancelled() and error is None:
+                settle(reply, done.result())  # at once, not behind the inbox
+                hit = {"pool": pool.name}
+                self._events.append(EventType.POOL_HIT, session_id=member_id, data=hit)
+            elif self._closed or self._failure is not None:
+                settle(reply, error=error or ShuttingDown("the session manager is shutting down"))
+            else:
+                self.tell(IoFinished(done, then))
+
+        claimed.add_done_callback(answer)
+        actor.tell(Claim(user, spec.user_name, spec.metadata, spec.owner, claimed))
+        self.sessions_created += 1
+        self._fill_pools()
+        return True
+
+    def _claim_failed(
+        self,
+        spec: NewSession,
+        reply: asyncio.Future[SessionCreated],
+        actor: SessionActor,
+        pool: Pool,
+    ) -> Callable[[asyncio.Future[SessionCreated]], None]:
+        def fall_back(done: asyncio.Future[SessionCreated]) -> None:
+            error = done.exception()
+            if actor.record.user_identity != spec.user_identity:
+                # The member never took the user on (it stopped being Ready first): it ends
+                # as a member, and the user's session is dispatched as usual.
+                self._count_user(spec.user_identity, -1)
+                self._count_user(NO_USER, 1)
+                self.sessions_created -= 1
+                running = actor.session_id in self._children
+                self._pools.not_taken(pool, actor.session_id, running=running)
+                actor.tell(Terminate("warm pool member not Ready when taken"))
+                log.info("warm pool member not Ready when taken; dispatching")
+                try:
+                    self._check_can_create(spec)
+                    self._spawn_session(spec, reply)
+                except ManagerError as exc:
+                    settle(reply, error=exc)
+                return
+            settle(reply, error=error)  # it had taken the user on, and then failed
+
+        return fall_back
+
+    def _count_user(self, user: str, change: int) -> None:
+        left = self._live_per_user.get(user, 0) + change
+        if left > 0:
+            self._live_per_user[user] = left
+        else:
+            self._live_per_user.pop(user, None)
+
+    def _tend_pools(self) -> None:
+        """End members idle past max_idle, and those that can serve no one now (an instance
+        unhealthy, draining or deregistered: its InstanceLost may still be on its way), then
+        start the fills that are due."""
+        for session_id in self._pools.expired():
+            child = self._children.get(session_id)
+            if child is not None:
+                child.actor.tell(Terminate("warm pool member idle past max_idle"))
+        for pool in self._pools.pools.values():
+            for session_id in list(pool.members):
+                child = self._children.get(session_id)
+                if child is None or not isinstance(child.actor, PoolMemberActor):
+                    continue
+                if child.actor.ready_to_hand_out:
+                    if self._member_usable(session_id, None):
+                        self._pools.filled(pool)
+                    elif self._pools.drop(session_id):
+                        child.actor.tell(Terminate("warm pool member's service cannot serve"))
+        self._fill_pools()
+
+    def _fill_pools(self) -> None:
+        """Start a member for each place missing in a pool, within max_live_sessions."""
+        if not self._accepting or self._closed or self._board.problem(LIVEKIT) is not None:
+            return
+        room = self._max_live_sessions - len(self._children)
+        for pool in self._pools.fills_due(max(room, 0)):
+            if not self._spawn_member(pool):
+                self._pools.refused(pool)
+
+    def _spawn_member(self, pool: Pool) -> bool:
+        try:
+            chosen = self._choose_services(list(pool.setting.services), NO_USER)
+        except ManagerError as exc:
+            log.debug("warm pool not filled", extra={"pool": pool.name, "reason": exc.message})
+            return False
+        session_id = str(uuid.uuid4())
+        for record in chosen.values():
+            self._registry.acquire(record.service_id, session_id)
+        session = SessionRecord(
+            session_id=session_id,
+            room_name=f"room-{session_id}",
+            user_identity=NO_USER,
+            user_name=None,
+            metadata={},
+            services={
+                requirement: ServiceSlot(
+                    requirement, record.service_id, record.endpoint, record.service_type
+                )
+                for requirement, record in chosen.items()
+            },
+        )
+        actor = PoolMemberActor(
+            session, self._deps, self._publish, pool=pool.name, max_idle=pool.setting.max_idle
+        )
+        filled: asyncio.Future[SessionCreated] = asyncio.get_running_loop().create_future()
+        # Ready or not, the member's end is what counts (`_pool_member_ended`): nothing to do.
+        filled.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._run_actor(session, Start(CreateOptions(wait_until_ready=True), filled), actor)
+        self._pools.added(pool, session_id)
+        self._events.append(EventType.POOL_REFILL, session_id=session_id, data={"pool": pool.name})
+        return True
+
+    def _pool_member_ended(self, session_id: str, actor: PoolMemberActor) -> None:
+        ended = self._pools.ended(session_id, was_ready=actor.record.ready_at is not None)
+        if ended is None:
+            return  # handed to a user: a session like any other now
+        pool, why = ended
+        level = logging.INFO if why in ("expired", "shutdown") else logging.WARNING
+        detail = actor.record.reason
+        log.log(
+            level,
+            "warm pool member ended",
+            extra={"pool": pool.name, "session_id": session_id, "why": why, "reason": detail},
+        )
+        self._events.append(
+            EventType.POOL_MEMBER_ENDED,
+            session_id=session_id,
+            data={"pool": pool.name, "why": why, "reason": detail},
+        )
+        self.tell(TendPools())  # refilled once this one's place is free
+
     def _publish(self, view: JsonDict) -> None:
         """Called by session actors after each change: the only writer of a session's view."""
         self._views[view["session_id"]] = view
@@ -939,9 +1211,11 @@ class Supervisor:
         ):
             services = [slot.service_id for slot in child.actor.record.services.values()]
             self._offload(self._cluster.session_ended(session_id, services))
+        if child is not None and isinstance(child.actor, PoolMemberActor):
+            self._pool_member_ended(session_id, child.actor)
         if child is not None:
             self._rooms.pop(child.actor.record.room_name, None)
-            self.sessions_ended += 1
+            self.sessions_ended += 0 if _unclaimed(child.actor) else 1
             user = child.actor.record.user_identity
             left = self._live_per_user.pop(user, 1) - 1
             if left > 0:
@@ -969,6 +1243,11 @@ class Supervisor:
             for waiter in pending.waiters:
                 settle(waiter, error=ShuttingDown("the session manager is shutting down"))
         self._pending_creates.clear()
+
+
+def _unclaimed(actor: SessionActor) -> bool:
+    """A warm pool's member no user has taken yet."""
+    return isinstance(actor, PoolMemberActor) and actor.waiting_for_user
 
 
 def _answer_from(

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from livekit import rtc
@@ -72,6 +73,14 @@ class PongHandler(SessionHandler):
     async def on_leave(self, session: JoinedSession, reason: str) -> None:
         logger.info("pong left", extra={"session_id": session.session_id, "reason": reason})
 
+    async def on_session_started(self, session: JoinedSession) -> None:
+        """A warm pool's room pong joined ahead was handed to a user: pong answers anyone, so
+        it only says whose session it is now."""
+        logger.info(
+            "pong session started",
+            extra={"session_id": session.session_id, "user_identity": session.user_identity},
+        )
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -81,11 +90,58 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # defaults; SESSION_MANAGER_URL, when set, is --manager-url's.
     add_service_arguments(parser, service_id="pong-service-1", port=8001)
     parser.add_argument("--type", default="PONG", help="service type sent in the metadata")
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        help="seconds between the manager's health checks of this service, 0.5 to 3600, sent "
+        "in the metadata (default: the manager's health_interval)",
+    )
+    parser.add_argument(
+        "--stall-every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="for tests: block the event loop every SECONDS (default 0: never)",
+    )
+    parser.add_argument(
+        "--stall-for",
+        type=float,
+        default=1.5,
+        metavar="SECONDS",
+        help="for tests: how long each stall of --stall-every lasts (default 1.5)",
+    )
     args = parser.parse_args(argv)
     # The manager's API key (scope `service`) comes from the environment, not argv, where
     # every user of the machine could read it.
     args.api_key = os.environ.get(API_KEY_ENV) or None
     return args
+
+
+def metadata(args: argparse.Namespace) -> dict[str, object]:
+    """The registration metadata: the type, and the health interval when one was given."""
+    if args.health_interval is None:
+        return {"type": args.type}
+    return {"type": args.type, "health_interval": args.health_interval}
+
+
+async def stall(every: float, seconds: float) -> None:
+    """Block the whole event loop for `seconds` every `every` seconds: a slow but alive
+    service, for the tests that check it is not failed over."""
+    while True:
+        await asyncio.sleep(every)
+        logger.info("stalling the event loop", extra={"seconds": seconds})
+        time.sleep(seconds)  # noqa: ASYNC251 -- blocking the loop is the point
+
+
+async def serve(runner: MicroserviceRunner, stall_every: float, stall_for: float) -> None:
+    """Run until SIGINT/SIGTERM, stalling the loop now and then if asked to."""
+    staller = asyncio.create_task(stall(stall_every, stall_for)) if stall_every > 0 else None
+    try:
+        await runner.run_until_signal()
+    finally:
+        if staller is not None:
+            staller.cancel()
+            await asyncio.gather(staller, return_exceptions=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,12 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = MicroserviceRunner(
         args.service_id,
         PongHandler(),
-        metadata={"type": args.type},
+        metadata=metadata(args),
         api_key=args.api_key,
         **runner_options(args),
     )
     try:
-        runner.run()
+        asyncio.run(serve(runner, args.stall_every, args.stall_for))
     except RegistrationError as error:
         logger.error("registration refused", extra={"error": str(error)})
         return 1

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from session_manager.api.auth import KeyTable, RateLimit, RateLimiter, access_of, auth_middleware
+from session_manager.api.console import add_console_routes
 from session_manager.api.cors import CorsPolicy
 from session_manager.api.docs import add_docs_routes
 from session_manager.api.errors import error_middleware
@@ -49,6 +50,7 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
     app.on_response_prepare.append(cors.response_hook())
     app.add_routes(routes)
     add_docs_routes(app)
+    add_console_routes(app)
 
     async def daemon_context(app: web.Application) -> AsyncIterator[None]:
         port = api_port if api_port is not None else settings.port
@@ -60,7 +62,12 @@ def create_app(settings: Settings, *, api_port: int | None = None) -> web.Applic
         await daemon.aclose()
 
     async def stop_taking_sessions(app: web.Application) -> None:
-        app[DAEMON].drain()
+        daemon = app[DAEMON]
+        daemon.drain()
+        # Presence connections never end on their own: closed now (and judged as nothing, our
+        # own shutdown), so the server need not wait for them.
+        if hasattr(daemon, "presence"):
+            await daemon.presence.aclose()
 
     async def session_presence(request: web.Request, session_id: str) -> SessionPresence:
         try:

@@ -20,7 +20,8 @@ as before keys existed (the manager then listens on loopback only; see `config`)
 
 `ROUTE_SCOPES` declares every route of the app; a route missing from it is refused to everyone
 but an admin (and a test fails). `GET /health`, LiveKit's webhook (which carries LiveKit's own
-signature), the API document (`GET /openapi.json`) and its page (`GET /docs`) are open.
+signature), the API document (`GET /openapi.json`), its page (`GET /docs`) and the console's
+page and files (`GET /console`) are open.
 """
 
 from __future__ import annotations
@@ -219,8 +220,12 @@ ROUTE_SCOPES: Final[Mapping[tuple[str, str], RouteRule]] = {
     ("GET", "/openapi.json"): OPEN,
     ("GET", "/docs"): OPEN,
     ("GET", "/docs/assets/{name}"): OPEN,
+    # The console's page and files (`api.console`): it reads everything with the person's key.
+    ("GET", "/console"): OPEN,
+    ("GET", "/console/assets/{name}"): OPEN,
     ("GET", "/metrics"): ADMIN_ONLY,
     ("GET", "/api/v1/events"): ADMIN_ONLY,
+    ("GET", "/api/v1/pools"): ADMIN_ONLY,  # warm pools: members are no user's sessions
     ("POST", "/api/v1/create-session"): CLIENTS,
     ("POST", "/api/v1/sessions"): CLIENTS,
     ("GET", "/api/v1/sessions"): CLIENTS,  # a client's listing shows its own sessions only
@@ -236,6 +241,7 @@ ROUTE_SCOPES: Final[Mapping[tuple[str, str], RouteRule]] = {
     ("DELETE", _SERVICE): SERVICES,
     ("POST", _SERVICE + "/drain"): SERVICES,
     ("POST", _SERVICE + "/rotate-secret"): SERVICES,
+    ("GET", _SERVICE + "/presence"): SERVICES,  # the SDK's presence WebSocket
 }
 """Every route of the app, by method and path template (HEAD goes with GET)."""
 

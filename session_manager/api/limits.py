@@ -70,6 +70,24 @@ MIN_MAX_SESSIONS: Final = 1
 MAX_MAX_SESSIONS: Final = 100_000
 """Largest `metadata.max_sessions` of a microservice."""
 
+MIN_HEALTH_INTERVAL: Final = 0.5
+"""Shortest `metadata.health_interval` of a microservice: seconds between its health checks."""
+
+MAX_HEALTH_INTERVAL: Final = 3600
+"""Longest `metadata.health_interval` of a microservice."""
+
+MIN_HEALTH_TIMEOUT: Final = 0.1
+"""Shortest `metadata.health_timeout` of a microservice: seconds one health check may take."""
+
+MAX_HEALTH_TIMEOUT: Final = 60
+"""Longest `metadata.health_timeout` of a microservice."""
+
+MIN_UNHEALTHY_AFTER: Final = 1
+"""Fewest `metadata.unhealthy_after` of a microservice: failed checks in a row to be Unhealthy."""
+
+MAX_UNHEALTHY_AFTER: Final = 10
+"""Most `metadata.unhealthy_after` of a microservice."""
+
 MAX_SESSIONS_PAGE: Final = 500
 """Largest `limit` of `GET /api/v1/sessions`."""
 
@@ -259,6 +277,49 @@ def check_max_sessions(value: object) -> None:
         raise _invalid(
             "max_sessions",
             f"max_sessions must be an integer from {MIN_MAX_SESSIONS} to {MAX_MAX_SESSIONS}",
+        )
+
+
+def _seconds(value: object) -> float:
+    """A JSON number as seconds; NaN for anything else (a bool, a string, null)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:  # an integer past 1.8e308
+        return math.inf
+
+
+def check_health_settings(metadata: dict[str, Any]) -> None:
+    """A microservice's own health-check settings, each optional (absent or null: the
+    manager's): `health_interval` and `health_timeout` JSON numbers of seconds,
+    `unhealthy_after` a JSON integer, each within its MIN_/MAX_ bound."""
+    interval = metadata.get("health_interval")
+    if interval is not None and not (
+        MIN_HEALTH_INTERVAL <= _seconds(interval) <= MAX_HEALTH_INTERVAL
+    ):
+        raise _invalid(
+            "health_interval",
+            f"health_interval must be a number of seconds from {MIN_HEALTH_INTERVAL:g} "
+            f"to {MAX_HEALTH_INTERVAL}",
+        )
+    timeout = metadata.get("health_timeout")
+    if timeout is not None and not MIN_HEALTH_TIMEOUT <= _seconds(timeout) <= MAX_HEALTH_TIMEOUT:
+        raise _invalid(
+            "health_timeout",
+            f"health_timeout must be a number of seconds from {MIN_HEALTH_TIMEOUT:g} "
+            f"to {MAX_HEALTH_TIMEOUT}",
+        )
+    after = metadata.get("unhealthy_after")
+    if after is not None and (
+        isinstance(after, bool)
+        or not isinstance(after, int)
+        or not MIN_UNHEALTHY_AFTER <= after <= MAX_UNHEALTHY_AFTER
+    ):
+        raise _invalid(
+            "unhealthy_after",
+            f"unhealthy_after must be an integer from {MIN_UNHEALTHY_AFTER} "
+            f"to {MAX_UNHEALTHY_AFTER}",
         )
 
 

@@ -24,6 +24,7 @@ from session_manager.daemon import Daemon
 from session_manager.health_board import COMPONENTS
 from session_manager.metrics import Metrics
 from session_manager.session.states import LIVE_STATUSES
+from session_manager.supervisor import Supervisor
 
 CREATE_SESSION: Final = frozenset(
     {("POST", "/api/v1/sessions"), ("POST", "/api/v1/create-session")}
@@ -64,6 +65,7 @@ class DaemonCollector(Collector):
             "Sessions ended since start.",
             value=supervisor.sessions_ended,
         )
+        yield from _pools(supervisor)
         services = GaugeMetricFamily(
             "session_manager_microservice_sessions",
             "Sessions each registered microservice is dispatched into.",
@@ -124,6 +126,39 @@ class DaemonCollector(Collector):
             queued.add_metric([origin], count)
         yield deliveries
         yield queued
+
+
+# The warm pools' counters (`session_manager.pools.Pool`): attribute -> help.
+_POOL_COUNTERS: Final = {
+    "hits": "Creates served by a warm pool's Ready member.",
+    "misses": "Creates that matched a warm pool with no member Ready (dispatched as usual).",
+    "refills": "Warm pool members started.",
+    "expiries": "Warm pool members ended unclaimed after max_idle.",
+    "fill_failures": "Warm pool members that ended before Ready.",
+    "lost": "Ready warm pool members that lost a service, or their room, and were replaced.",
+}
+
+
+def _pools(supervisor: Supervisor) -> Iterator[Metric]:
+    """One series per pool (at most MAX_POOLS, named by their services)."""
+    pools = list(supervisor.pools.pools.values())
+    if not pools:
+        return
+    ready = GaugeMetricFamily(
+        "session_manager_pool_ready",
+        "Warm pool members Ready to be handed out now.",
+        labels=["pool"],
+    )
+    for pool in pools:
+        ready.add_metric([pool.name], supervisor.pool_ready(pool))
+    yield ready
+    for attribute, description in _POOL_COUNTERS.items():
+        family = CounterMetricFamily(
+            f"session_manager_pool_{attribute}", description, labels=["pool"]
+        )
+        for pool in pools:
+            family.add_metric([pool.name], getattr(pool, attribute))
+        yield family
 
 
 def watch(metrics: Metrics, daemon: Daemon) -> None:

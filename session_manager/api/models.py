@@ -22,6 +22,7 @@ from session_manager.api.limits import (
     MIN_TIMEOUT_SECS,
     check_duration_limit,
     check_endpoint,
+    check_health_settings,
     check_identifier,
     check_json_object,
     check_max_sessions,
@@ -82,6 +83,7 @@ def _session_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[st
 def _service_metadata(metadata: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
     check_json_object(metadata, limits_of(info).max_metadata_bytes)
     check_max_sessions(metadata.get("max_sessions"))
+    check_health_settings(metadata)
     return metadata
 
 

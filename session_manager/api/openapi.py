@@ -39,6 +39,7 @@ from session_manager.api.views import (
     DeregisterResponse,
     ErrorEnvelope,
     EventPage,
+    PoolList,
     RotateSecretResponse,
     ServiceList,
     ServiceView,
@@ -199,6 +200,25 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         description="Swagger UI, served by the manager with its own assets.",
     ),
     Operation(
+        "GET",
+        "/console",
+        "The web console",
+        "operations",
+        HTML,
+        description="Live sessions, services and events, and a page to try a session; the "
+        "console reads the API with the key the person gives it.",
+    ),
+    Operation(
+        "GET",
+        "/api/v1/pools",
+        "Warm pools",
+        "operations",
+        PoolList,
+        description="Each warm pool (`warm_pools`): its size, its members (rooms with their "
+        "services joined, waiting for a user; not users' sessions, so never in the session "
+        "list) and its hits, misses, refills and expiries since start.",
+    ),
+    Operation(
         "POST",
         "/api/v1/microservices/register",
         "Register a microservice",
@@ -261,6 +281,16 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "microservices",
         RotateSecretResponse,
         (*_ONE, *_SUPERVISED),
+    ),
+    Operation(
+        "GET",
+        "/api/v1/microservices/{service_id}/presence",
+        "An SDK instance's presence (WebSocket)",
+        "microservices",
+        TEXT,
+        (400, *_ONE, *_SUPERVISED),
+        description="A WebSocket upgrade (101) only: the SDK holds it while it runs; its loss "
+        "without a goodbye is the process's death. Without an upgrade: 400.",
     ),
     *(
         Operation(

@@ -50,9 +50,10 @@ from session_manager.commands import (
     UpdateService,
 )
 from session_manager.daemon import WEBHOOK_PATH, Daemon
-from session_manager.errors import InvalidRequest, ManagerError
+from session_manager.errors import InvalidRequest, ManagerError, ShuttingDown
 from session_manager.livekit.webhooks import RELEVANT_KINDS, WebhookRejected, webhook_kind
 from session_manager.logs import TRACE
+from session_manager.registry.presence import CLOSE_TIMEOUT, MAX_MESSAGE
 from session_manager.session.messages import CreateOptions, SessionCreated
 from session_manager.session.record import JsonDict
 from session_manager.session.states import SessionStatus
@@ -146,6 +147,13 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     return render_metrics(request.app[DAEMON].metrics)
+
+
+@routes.get("/api/v1/pools")
+async def list_pools(request: web.Request) -> web.Response:
+    """The warm pools (`warm_pools`), their members and counters: a read of the keeper's book,
+    like /metrics (it changes nothing)."""
+    return json_response({"pools": _supervisor(request).pool_views()})
 
 
 @routes.post("/api/v1/microservices/register")
@@ -384,6 +392,27 @@ async def rotate_microservice_secret(request: web.Request) -> web.Response:
         "message": "Signing secret rotated",
     }
     return _no_store(json_response(answer))
+
+
+@routes.get("/api/v1/microservices/{service_id}/presence")
+async def microservice_presence(request: web.Request) -> web.StreamResponse:
+    """An SDK instance's presence: a WebSocket it holds for as long as it runs; its loss
+    without a goodbye is the death of the process (`registry.presence`). Only for a
+    registered instance, with the key that registered it; one per instance (a new one
+    replaces the old); messages of at most MAX_MESSAGE bytes."""
+    service_id = request.match_info["service_id"]
+    board = request.app[DAEMON].presence
+    if board.closing:
+        raise ShuttingDown("the session manager is shutting down")
+    await _supervisor(request).ask(
+        lambda reply: GetService(service_id, reply, access=access_of(request))
+    )
+    socket = web.WebSocketResponse(timeout=CLOSE_TIMEOUT, max_msg_size=MAX_MESSAGE, compress=False)
+    if not socket.can_prepare(request).ok:
+        raise InvalidRequest("presence: a WebSocket upgrade is required")
+    await socket.prepare(request)
+    await board.serve(service_id, socket)
+    return socket
 
 
 @routes.post(WEBHOOK_PATH)

@@ -19,10 +19,16 @@ from pydantic_core import core_schema as cs
 from session_manager.api.limits import (
     DEFAULT_LIMITS,
     MAX_ENDPOINT_CHARS,
+    MAX_HEALTH_INTERVAL,
+    MAX_HEALTH_TIMEOUT,
     MAX_MAX_SESSIONS,
     MAX_METADATA_DEPTH,
     MAX_METADATA_KEY_BYTES,
+    MAX_UNHEALTHY_AFTER,
+    MIN_HEALTH_INTERVAL,
+    MIN_HEALTH_TIMEOUT,
     MIN_MAX_SESSIONS,
+    MIN_UNHEALTHY_AFTER,
 )
 
 _CONTROL = "\\x00-\\x1f\\x7f"
@@ -107,13 +113,37 @@ SESSION_METADATA_SCHEMA: dict[str, Any] = {
 SERVICE_METADATA_SCHEMA: dict[str, Any] = {
     "description": (
         f"{_JSON_OBJECT} `type`: the service's type (for `type:X` requirements); "
-        "`max_sessions`: how many sessions it takes at once (null: no limit)."
+        "`max_sessions`: how many sessions it takes at once (null: no limit); "
+        "`health_interval`, `health_timeout` (seconds) and `unhealthy_after` (failed checks in "
+        "a row): its own health-check settings (absent or null: the manager's)."
     ),
     "properties": {
         "type": {"type": "string"},
         "max_sessions": {
             "anyOf": [
                 {"type": "integer", "minimum": MIN_MAX_SESSIONS, "maximum": MAX_MAX_SESSIONS},
+                {"type": "null"},
+            ]
+        },
+        "health_interval": {
+            "anyOf": [
+                {"type": "number", "minimum": MIN_HEALTH_INTERVAL, "maximum": MAX_HEALTH_INTERVAL},
+                {"type": "null"},
+            ]
+        },
+        "health_timeout": {
+            "anyOf": [
+                {"type": "number", "minimum": MIN_HEALTH_TIMEOUT, "maximum": MAX_HEALTH_TIMEOUT},
+                {"type": "null"},
+            ]
+        },
+        "unhealthy_after": {
+            "anyOf": [
+                {
+                    "type": "integer",
+                    "minimum": MIN_UNHEALTHY_AFTER,
+                    "maximum": MAX_UNHEALTHY_AFTER,
+                },
                 {"type": "null"},
             ]
         },

@@ -50,6 +50,21 @@ class ClientView(_View):
     left_at: Timestamp | None
 
 
+class FailoverView(_View):
+    """The last time a slot lost its instance and was filled again."""
+
+    cause: str = Field(
+        description='"process lost", "health", "left room", "drain" or "dispatch failed"'
+    )
+    from_service_id: str = Field(description="The instance it lost")
+    gone_at: Timestamp | None = Field(description="When the instance went, if known")
+    detected_at: Timestamp = Field(description="When the manager knew")
+    replaced_at: Timestamp | None = Field(description="When the new occupant joined")
+    detect_ms: float | None = Field(description="From gone_at to detected_at")
+    replace_ms: float | None = Field(description="From detected_at to replaced_at")
+    failover_ms: float | None = Field(description="From gone_at (else detected_at) to replaced_at")
+
+
 class ServiceSlotView(_View):
     """One required microservice of a session and the instance filling it."""
 
@@ -67,6 +82,9 @@ class ServiceSlotView(_View):
     left_at: Timestamp | None
     join_ms: float | None = Field(description="From the first join-room call to the join")
     dispatch_id: str | None = Field(None, description="An agent's: LiveKit's AgentDispatch id")
+    failover: FailoverView | None = Field(
+        None, description="Why and how fast the slot last moved; null: it never did"
+    )
 
 
 class SessionView(_View):
@@ -87,6 +105,9 @@ class SessionView(_View):
     ready_ms: float | None
     owner: str | None = Field(description="Id of the API key that created it; null: no keys")
     deadlines: dict[str, Timestamp] = Field(description="When each running timer fires")
+    pool: str | None = Field(
+        None, description="The warm pool the session was taken from; null: dispatched for it"
+    )
 
 
 class SessionPage(_View):
@@ -124,6 +145,35 @@ class RotateSecretResponse(_View):
     signing_secret: str
     livekit_url: str
     message: str
+
+
+class PoolMemberView(_View):
+    session_id: str = Field(description="The member's session id (not a user's session yet)")
+    status: SessionStatus
+    age_s: float = Field(description="Seconds since its fill began")
+    service_ids: list[str] = Field(description="The instances in its room")
+
+
+class PoolView(_View):
+    """One warm pool (`warm_pools`): its members and what it has done since start."""
+
+    name: str = Field(description="Its services, sorted, joined by '+'")
+    services: list[str]
+    size: int
+    max_idle: float
+    ready: int = Field(description="Members Ready to be handed out now")
+    members: list[PoolMemberView]
+    retry_in: float = Field(description="Seconds before the next fill, after failed ones; 0")
+    hits: int = Field(description="Creates served by a member")
+    misses: int = Field(description="Creates that matched with no member Ready")
+    refills: int = Field(description="Members started")
+    expiries: int = Field(description="Members ended unclaimed after max_idle")
+    fill_failures: int = Field(description="Members that ended before Ready")
+    lost: int = Field(description="Ready members that ended on their own (a service lost)")
+
+
+class PoolList(_View):
+    pools: list[PoolView]
 
 
 class EventView(_View):

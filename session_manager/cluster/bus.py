@@ -17,6 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from session_manager import errors
+from session_manager.clock import parse_rfc3339, rfc3339
 from session_manager.commands import Access
 from session_manager.errors import ManagerError, StoreUnavailable, Unhealthy
 from session_manager.livekit.webhooks import RoomEvent
@@ -51,6 +53,8 @@ CommandRunner = Callable[[SessionCommand], "asyncio.Future[JsonDict] | None"]
 WebhookSink = Callable[[RoomEvent], None]
 RegistrySink = Callable[[str, str | None], None]  # service id, its health where it changed
 HealthSink = Callable[[list[tuple[str, str | None]]], None]  # (service id, error) per check
+PresenceSeenSink = Callable[[str], None]  # an instance connected to another process
+PresenceLostSink = Callable[[str, datetime], None]  # another process declared it lost
 
 # The errors an owner may answer with, rebuilt by name on the asking side.
 _ERRORS: dict[str, type[ManagerError]] = {
@@ -87,6 +91,8 @@ class ClusterBus:
         self.deliver_webhook: WebhookSink = lambda event: None
         self.registry_changed: RegistrySink = lambda service_id, status: None
         self.health_checked: HealthSink = lambda results: None
+        self.presence_seen: PresenceSeenSink = lambda service_id: None
+        self.presence_lost: PresenceLostSink = lambda service_id, gone_at: None
 
     async def start(self, timeout: float) -> None:
         self._listener = asyncio.create_task(self._listen(), name="cluster-bus")
@@ -131,6 +137,21 @@ class ClusterBus:
             await self._publish(message)
         except StoreUnavailable as exc:
             log.warning("cluster message not sent", extra={"error": exc.message})
+
+    def share_presence(self, state: str, service_id: str, gone_at: datetime | None) -> None:
+        """An SDK instance's presence connection was `seen` here (the others cancel their grace
+        for it) or it was declared `lost` here (the others move their sessions off it). Sent by
+        a task the bus owns; a lost message leaves that to the health checks."""
+        message = {
+            "kind": "presence",
+            "from": self.node_id,
+            "state": state,
+            "service_id": service_id,
+            "gone_at": rfc3339(gone_at) if gone_at is not None else None,
+        }
+        task = asyncio.create_task(self._send_quietly(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def announce_registration(self, service_id: str, status: str | None) -> None:
         """This process changed a registration in the shared store: the others read it."""
@@ -216,12 +237,21 @@ class ClusterBus:
                 self._serve(message)
             elif kind == "health" and message["from"] != self.node_id:
                 self.health_checked([(str(s), e) for s, e in message["results"]])
+            elif kind == "presence" and message["from"] != self.node_id:
+                self._presence(message)
             elif kind == "registry" and message["from"] != self.node_id:
                 self.registry_changed(message["service_id"], message.get("status"))
             elif kind == "answer" and message["to"] == self.node_id:
                 self._answered(message)
         except Exception:
             log.warning("cluster bus message not understood", exc_info=True)
+
+    def _presence(self, message: JsonDict) -> None:
+        service_id = str(message["service_id"])
+        if message["state"] == "seen":
+            self.presence_seen(service_id)
+        elif message["state"] == "lost":
+            self.presence_lost(service_id, parse_rfc3339(str(message["gone_at"])))
 
     def _serve(self, message: JsonDict) -> None:
         access = message["access"]

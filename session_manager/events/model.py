@@ -39,6 +39,12 @@ class EventType(StrEnum):
     MICROSERVICE_UPDATED = "MicroserviceUpdated"
     MICROSERVICE_DEREGISTERED = "MicroserviceDeregistered"
     MICROSERVICE_HEALTH_CHANGED = "MicroserviceHealthChanged"
+    # Warm pools (`session_manager.pools`): a create served by a member, or not; a member
+    # started, and one that ended unclaimed (expired, lost a service, or failed to fill).
+    POOL_HIT = "PoolHit"
+    POOL_MISS = "PoolMiss"
+    POOL_REFILL = "PoolRefill"
+    POOL_MEMBER_ENDED = "PoolMemberEnded"
     # Synthetic: a stream's notice that it skipped events (never stored in the log).
     EVENTS_DROPPED = "EventsDropped"
 

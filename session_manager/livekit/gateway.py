@@ -187,6 +187,11 @@ class LiveKitGateway:
             if exc.livekit_code != api.ServerErrorCode.NOT_FOUND:
                 raise
 
+    async def update_room_metadata(self, room: str, metadata: str) -> None:
+        """Replace a room's metadata (a warm pool's room handed to its user says whose it is)."""
+        request = api.UpdateRoomMetadataRequest(room=room, metadata=metadata)
+        await self._call("UpdateRoomMetadata", self._room_admin().update_room_metadata(request))
+
     async def remove_participant(self, room: str, identity: str) -> None:
         """Disconnect one participant; one (or a room) that is already gone counts as removed."""
         request = api.RoomParticipantIdentity(room=room, identity=identity)

@@ -26,12 +26,14 @@ from pathlib import Path
 import aiohttp
 
 from session_manager.errors import StartupFailed
+from session_manager.livekit.install import cached_binary
 from session_manager.logs import TRACE
 from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Only in a clone (scripts/install-livekit.sh); an installed package finds nothing here.
 BUNDLED_BINARY = PROJECT_ROOT / ".cache" / "bin" / "livekit-server"
 MANAGED_API_KEY = "session-manager"
 GRACEFUL_STOP = 2.0  # seconds LiveKit may drain after the first SIGTERM
@@ -76,18 +78,28 @@ class LiveKitServerError(StartupFailed):
 
 
 def find_binary(configured: str | None) -> str:
+    """The livekit-server to run: the configured one, else the first of
+    1. the per-user cache of `session-manager install-livekit` (the pinned tag),
+    2. a clone's .cache/bin (scripts/install-livekit.sh builds the pinned tag there),
+    3. `livekit-server` on PATH (any version: a package manager's, or the container image's).
+    The two pinned builds come before PATH on purpose: a machine may carry an older LiveKit on
+    PATH, and the manager should run the version it was tested with whenever one is at hand.
+    To run another, set livekit_server_binary."""
     if configured:
         if not os.access(configured, os.X_OK):
             raise LiveKitServerError(f"livekit-server binary {configured} is not executable")
         return configured
-    if os.access(BUNDLED_BINARY, os.X_OK):
-        return str(BUNDLED_BINARY)
+    cached = cached_binary()
+    for candidate in (cached, BUNDLED_BINARY):
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
     found = shutil.which("livekit-server")
     if found:
         return found
     raise LiveKitServerError(
-        "livekit-server not found: run scripts/install-livekit.sh, or set LIVEKIT_URL, "
-        "LIVEKIT_API_KEY and LIVEKIT_API_SECRET to use an external LiveKit"
+        f"livekit-server not found (not in {cached.parent}, nor on PATH): run "
+        "`session-manager install-livekit` (needs Go), put a livekit-server on PATH, or set "
+        "LIVEKIT_URL, LIVEKIT_API_KEY and LIVEKIT_API_SECRET to use an external LiveKit"
     )
 
 

@@ -101,6 +101,25 @@ class ServiceRecord:
             return None
 
     @property
+    def health_interval(self) -> float | None:
+        """Its own seconds between health checks (`metadata.health_interval`); None: the
+        manager's. Bounded at registration (`api.limits`)."""
+        return _number(self.metadata.get("health_interval"))
+
+    @property
+    def health_timeout(self) -> float | None:
+        """Its own seconds one health check may take (`metadata.health_timeout`); None: the
+        manager's."""
+        return _number(self.metadata.get("health_timeout"))
+
+    @property
+    def unhealthy_after(self) -> int | None:
+        """Its own failed checks in a row to be Unhealthy (`metadata.unhealthy_after`); None:
+        the manager's."""
+        value = self.metadata.get("unhealthy_after")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
     def free_capacity(self) -> float:
         limit = self.max_sessions
         return float("inf") if limit is None else float(limit - self.load)
@@ -163,6 +182,12 @@ class ServiceRecord:
             # Yesterday's endpoint may be dead today: nothing is sent to it until it answers.
             status=ServiceStatus.UNKNOWN,
         )
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -372,13 +397,28 @@ class Registry:
             record.failures_in_a_row += 1
             record.successes_in_a_row = 0
             record.last_error = error
+            unhealthy_after = record.unhealthy_after or self._unhealthy_after
             if first or (
-                old is ServiceStatus.HEALTHY and record.failures_in_a_row >= self._unhealthy_after
+                old is ServiceStatus.HEALTHY and record.failures_in_a_row >= unhealthy_after
             ):
                 record.status = ServiceStatus.UNHEALTHY
         if record.status is old:
             return None
         return HealthChange(service_id, old, record.status, record.last_error)
+
+    def record_lost(self, service_id: str, error: str) -> HealthChange | None:
+        """The instance's process is known dead (its presence connection was lost without a
+        goodbye): Unhealthy at once, whatever the checks said; the checks make it Healthy
+        again if it answers (`healthy_after` good ones)."""
+        record = self._services.get(service_id)
+        if record is None:
+            return None
+        old = record.status
+        record.status, record.last_error = ServiceStatus.UNHEALTHY, error
+        record.successes_in_a_row = 0
+        if old is ServiceStatus.UNHEALTHY:
+            return None
+        return HealthChange(service_id, old, record.status, error)
 
     # choice and load (live) ------------------------------------------------------------------
 

@@ -11,7 +11,17 @@ and joins only the LiveKit servers it trusts (`verification`).
 This package imports nothing from the rest of `session_manager` but the API client
 (`session_manager.client`, itself only aiohttp and pydantic), which it registers with; the two
 can be vendored into a microservice on their own.
+
+It needs the livekit realtime SDK, the package's `sdk` extra (`pip install
+'session-manager[sdk]'`); the manager itself runs without it.
 """
+
+try:
+    from livekit import rtc as _rtc  # noqa: F401  (only to say what is missing, once)
+except ImportError as missing:
+    raise ImportError(
+        "session_manager.sdk needs the livekit realtime SDK: pip install 'session-manager[sdk]'"
+    ) from missing
 
 from .cli import API_KEY_ENV, MANAGER_URL_ENV, add_service_arguments, runner_options
 from .handler import Entrypoint, JoinedSession, LeaveReason, SessionHandler

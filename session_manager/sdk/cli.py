@@ -7,7 +7,10 @@ lines of a machine's processes are readable by all its users). The flags:
 
     --service-id ID  --host HOST  --port N  --manager-url URL  --advertise-url URL
     --trust-livekit-url URL (repeatable, adds to those given in code)  --max-sessions N
-    --log-level LEVEL
+    --log-level LEVEL  --no-presence
+
+`SESSION_MANAGER_PRESENCE=off` (or `--no-presence`) turns the presence connection off: the
+manager then finds a dead process by its health checks only (see `presence`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 
 MANAGER_URL_ENV = "SESSION_MANAGER_URL"
 API_KEY_ENV = "SESSION_MANAGER_API_KEY"
+PRESENCE_ENV = "SESSION_MANAGER_PRESENCE"
+_OFF = frozenset({"off", "0", "false", "no"})
 DEFAULT_MANAGER_URL = "http://127.0.0.1:8080"
 DEFAULT_HOST = "127.0.0.1"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -32,6 +37,12 @@ def manager_url_from(environ: Mapping[str, str], default: str | None) -> str | N
 def api_key_from(environ: Mapping[str, str], default: str | None) -> str | None:
     """`SESSION_MANAGER_API_KEY` when it is set (and not empty), else `default`."""
     return environ.get(API_KEY_ENV) or default
+
+
+def presence_from(environ: Mapping[str, str], default: bool = True) -> bool:
+    """False when `SESSION_MANAGER_PRESENCE` is `off` (or 0, false, no), else `default`."""
+    value = environ.get(PRESENCE_ENV, "").strip().lower()
+    return False if value in _OFF else default
 
 
 def _positive_int(text: str) -> int:
@@ -63,6 +74,7 @@ def add_service_arguments(
     max_sessions: int | None = None,
     log_level: str = "INFO",
     environ: Mapping[str, str] | None = None,
+    presence: bool = True,
 ) -> argparse.ArgumentParser:
     """Add the SDK's flags to `parser`, each defaulting to the environment's value, else to the
     value given here (the code's). `--service-id` is required when no `service_id` is given.
@@ -105,6 +117,14 @@ def add_service_arguments(
         "(default: the registration metadata's max_sessions, else no limit)",
     )
     group.add_argument(
+        "--no-presence",
+        dest="presence",
+        action="store_false",
+        default=presence_from(environ, presence),
+        help="keep no presence connection to the manager: a dead process is then found by "
+        f"the health checks only (env {PRESENCE_ENV}=off)",
+    )
+    group.add_argument(
         "--log-level",
         type=_log_level,
         default=_log_level(log_level),
@@ -124,4 +144,5 @@ def runner_options(args: argparse.Namespace) -> dict[str, Any]:
         "advertise_url": args.advertise_url,
         "trusted_livekit_urls": tuple(args.trust_livekit_url),
         "max_sessions": args.max_sessions,
+        "presence": args.presence,
     }

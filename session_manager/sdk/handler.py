@@ -39,6 +39,11 @@ class JoinedSession:
     keys naming a credential — token, secret, password, authorization — are left out by the
     manager), `user_identity` and `user_name` whose session it is. A manager older than these
     fields sends none of them: `metadata` is then empty and `user_identity` None.
+
+    `pooled`: the room is one of the manager's warm pool (`warm_pools`), joined before any
+    user asked for it: `on_join` sees no user (`user_identity` None, `metadata` empty) and
+    `SessionHandler.on_session_started` is called with the filled-in session once a user takes
+    the room.
     """
 
     session_id: str
@@ -50,6 +55,7 @@ class JoinedSession:
     metadata: Mapping[str, JsonValue] = field(default_factory=_no_metadata)
     user_identity: str | None = None
     user_name: str | None = None
+    pooled: bool = False
 
 
 class SessionHandler(abc.ABC):
@@ -71,6 +77,12 @@ class SessionHandler(abc.ABC):
     async def on_leave(self, session: JoinedSession, reason: str) -> None:  # noqa: B027
         """Runs once per joined session after its `on_join` task has finished and the room is
         disconnected. `reason` is a `LeaveReason` value (see there for room disconnects)."""
+
+    async def on_session_started(self, session: JoinedSession) -> None:  # noqa: B027
+        """Runs when a warm pool's room this service joined ahead (`session.pooled`) is handed
+        to a user: `session` is the same one `on_join` got, with `metadata`, `user_identity`
+        and `user_name` filled in. Its own task, while `on_join` runs on; `on_leave` gets this
+        session too. An error is logged. Optional: without it the service serves on as is."""
 
 
 Entrypoint = Callable[[JoinedSession], Awaitable[None]]

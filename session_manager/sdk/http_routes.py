@@ -1,4 +1,5 @@
-"""The HTTP endpoints the manager calls on a microservice: join-room, leave-room, health.
+"""The HTTP endpoints the manager calls on a microservice: join-room, leave-room,
+session-started (a warm pool's room handed to a user), health.
 
 join-room and leave-room act only on calls the manager signed (`CallVerifier`): anything else
 is answered 401 and does nothing. /health answers unsigned probes (load balancers, people) and
@@ -21,6 +22,7 @@ from .payloads import (
     JoinRoomRequest,
     LeaveRoomRequest,
     ServiceReply,
+    SessionStartedRequest,
 )
 from .room_sessions import JoinStatus, RoomSessions
 from .verification import SIGNED_HEADERS, CallVerifier, TrustedLiveKit
@@ -81,6 +83,7 @@ class MicroserviceRoutes:
         app = web.Application()
         app.router.add_post("/join-room", self.join_room)
         app.router.add_post("/leave-room", self.leave_room)
+        app.router.add_post("/session-started", self.session_started)
         app.router.add_get("/health", self.health)
         return app
 
@@ -152,6 +155,24 @@ class MicroserviceRoutes:
         # Leaving a session twice is not an error: the manager may retry a leave it timed out on.
         message = "Left the room" if was_joined else "Session was not joined; nothing to leave"
         return self._reply(success=True, message=message, session_id=leave.session_id)
+
+    async def session_started(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        refused = await self._unverified("session-started", request, body)
+        if refused is not None:
+            return refused
+        try:
+            started = SessionStartedRequest.model_validate_json(body)
+        except ValidationError as error:
+            return self._bad_request("session-started", body, error)
+        if not self._sessions.started(started):
+            return self._reply(
+                success=False,
+                message="Session is not joined",
+                session_id=started.session_id,
+                status=404,
+            )
+        return self._reply(success=True, message="Session started", session_id=started.session_id)
 
     async def health(self, request: web.Request) -> web.Response:
         if any(name in request.headers for name in SIGNED_HEADERS):

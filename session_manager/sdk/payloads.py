@@ -31,6 +31,22 @@ class JoinRoomRequest(_InboundPayload):
     session_metadata: dict[str, JsonValue] = Field(default_factory=dict)
     user_identity: str | None = None
     user_name: str | None = None
+    # A warm pool's room (the manager's `warm_pools`): no user yet; `session-started` follows
+    # when one takes it.
+    pooled: bool = False
+
+
+class SessionStartedRequest(_InboundPayload):
+    """Body of `POST {endpoint}/session-started`: a warm pool's room this service is in was
+    handed to a user; the session-context fields of join-room, now known."""
+
+    session_id: NonEmptyStr
+    room_name: NonEmptyStr
+    service_identity: NonEmptyStr
+    session_metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    user_identity: NonEmptyStr
+    user_name: str | None = None
+    pool: str | None = None
 
 
 class LeaveRoomRequest(_InboundPayload):

@@ -13,14 +13,14 @@ import asyncio
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from livekit import rtc
 
 from .handler import JoinedSession, LeaveReason, SessionHandler
 from .owned_tasks import OwnedTasks, cancel_and_wait
-from .payloads import JoinRoomRequest
+from .payloads import JoinRoomRequest, SessionStartedRequest
 from .redaction import describe_error
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class RoomSessions:
         self._sessions: dict[str, _RoomSession] = {}
         self._closing = False
         self._teardowns = OwnedTasks("session teardown")
+        self._started_callbacks = OwnedTasks("session-started callback")
         self._abandoned_connects = OwnedTasks("abandoned room connect")
 
     @property
@@ -164,6 +165,32 @@ class RoomSessions:
             JoinStatus.ALREADY_JOINED, f"Already in room {session.request.room_name}"
         )
 
+    def started(self, request: SessionStartedRequest) -> bool:
+        """A warm pool's room this service is in was handed to a user: the session's context
+        is filled in, and the handler's `on_session_started` runs in a task of its own.
+        False when the service is not in that session."""
+        session = self._sessions.get(request.session_id)
+        if session is None or session.phase is not _Phase.JOINED or session.joined is None:
+            return False
+        joined = replace(
+            session.joined,
+            metadata=MappingProxyType(dict(request.session_metadata)),
+            user_identity=request.user_identity,
+            user_name=request.user_name,
+        )
+        session.joined = joined
+        logger.info("session started in a pooled room", extra=session.log_fields())
+        self._started_callbacks.spawn(
+            self._run_on_session_started(joined), name=f"session-started {request.session_id}"
+        )
+        return True
+
+    async def _run_on_session_started(self, joined: JoinedSession) -> None:
+        try:
+            await self._handler.on_session_started(joined)
+        except Exception:
+            logger.exception("on_session_started failed", extra={"session_id": joined.session_id})
+
     async def leave(self, session_id: str, reason: str) -> bool:
         """Leave a session; False when the service was not in it."""
         session = self._sessions.get(session_id)
@@ -191,6 +218,7 @@ class RoomSessions:
         await asyncio.gather(*(self._end(s, LeaveReason.SHUTDOWN) for s in joined))
         # Teardowns already started by a room that closed itself are let finish their on_leave.
         await self._teardowns.close(grace=self._teardown_grace)
+        await self._started_callbacks.close(grace=0)
         await self._abandoned_connects.close(grace=0)
 
     async def _connect(self, session: _RoomSession) -> None:
@@ -236,8 +264,9 @@ class RoomSessions:
             livekit_url=request.livekit_url,
             room=room,
             metadata=MappingProxyType(dict(request.session_metadata)),
-            user_identity=request.user_identity,
+            user_identity=request.user_identity or None,
             user_name=request.user_name,
+            pooled=request.pooled,
         )
         session.phase = _Phase.JOINED
         session.handler_task = asyncio.create_task(

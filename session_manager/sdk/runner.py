@@ -23,6 +23,7 @@ from .cli import (
     add_service_arguments,
     api_key_from,
     manager_url_from,
+    presence_from,
     runner_options,
 )
 from .handler import Entrypoint, EntrypointHandler, SessionHandler
@@ -30,6 +31,7 @@ from .http_routes import MicroserviceRoutes
 from .log_format import configure_logging
 from .owned_tasks import cancel_and_wait
 from .payloads import RegisterRequest
+from .presence import PresenceClient
 from .registration import (
     Credentials,
     RetryBackoff,
@@ -76,6 +78,10 @@ class MicroserviceRunner:
     at once: a join-room for one more is answered 503, which the manager takes as a decline.
     Given here, it is also what the registration metadata says.
     `room_factory` makes an unconnected `rtc.Room`; tests inject a fake one.
+    `presence` (default: on unless `SESSION_MANAGER_PRESENCE=off`) keeps one connection to the
+    manager from a thread of its own once registered (`presence`): if the process dies, the
+    manager knows within a second and moves its sessions; `aclose()` says goodbye after
+    draining, so a shutdown moves nothing by surprise.
 
     Only calls the manager signed are acted on (see `verification`): the secret comes from the
     register answer (a restarted service asks the manager for a new one), or from
@@ -104,6 +110,7 @@ class MicroserviceRunner:
         signing_secret: str | None = None,
         trusted_livekit_urls: Iterable[str] = (),
         api_key: str | _FromEnvironment | None = FROM_ENVIRONMENT,
+        presence: bool | _FromEnvironment = FROM_ENVIRONMENT,
     ) -> None:
         if not service_id:
             raise ValueError("service_id must not be empty")
@@ -116,6 +123,8 @@ class MicroserviceRunner:
             manager_url = manager_url_from(os.environ, DEFAULT_MANAGER_URL)
         if api_key is FROM_ENVIRONMENT:
             api_key = api_key_from(os.environ, None)
+        if presence is FROM_ENVIRONMENT:
+            presence = presence_from(os.environ)
         metadata = dict(metadata or {})
         max_sessions = _capacity(max_sessions, metadata)
         self._verifier = CallVerifier(signing_secret)
@@ -130,6 +139,10 @@ class MicroserviceRunner:
         # Sent as `Authorization: Bearer` on every call to the manager (register, drain,
         # rotate-secret) when the manager has `api_keys`: a key with the `service` scope.
         self._api_key = api_key
+        # Once registered, a connection held from a thread of its own (`presence`): its loss
+        # without a goodbye tells the manager at once that this process is dead.
+        self._presence_wanted = presence
+        self._presence: PresenceClient | None = None
         self._host = host
         self._requested_port = port
         self._manager_url = manager_url
@@ -257,6 +270,9 @@ class MicroserviceRunner:
             raise ServiceClosedError("the runner was closed before registration completed")
         task.result()
         self._registered = True
+        if self._presence_wanted:
+            self._presence = PresenceClient(manager_url, self._service_id, api_key=self._api_key)
+            self._presence.start()
 
     def _learn(self, credentials: Credentials) -> None:
         """The manager's answer: calls are verified with this secret from now on."""
@@ -291,6 +307,9 @@ class MicroserviceRunner:
             await cancel_and_wait(self._registration)
             await self._drain_at_manager(unanswered)
             await self._sessions.close()
+            # Drained and out of every room: the goodbye says this is no death.
+            if self._presence is not None:
+                await self._presence.aclose()
             if self._app_runner is not None:
                 await self._app_runner.cleanup()
             if self._http is not None:
@@ -398,6 +417,7 @@ def run_service(
         trusted_livekit_urls=options.pop("trusted_livekit_urls", ()),
         max_sessions=options.pop("max_sessions", None),
         log_level=log_level,
+        presence=options.pop("presence", True),
     )
     args = parser.parse_args(argv)
     configure_logging(args.log_level)

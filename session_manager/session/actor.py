@@ -57,12 +57,14 @@ from session_manager.session.messages import (
     AddService,
     Adopt,
     AgentDispatchFinished,
+    Claim,
     ClientGraceExpired,
     ClientJoinDeadlinePassed,
     CreateOptions,
     Detach,
     DispatchFinished,
     DurationLimitReached,
+    FailoverCause,
     InstanceLost,
     JoinDeadlinePassed,
     RemoveService,
@@ -74,7 +76,13 @@ from session_manager.session.messages import (
     WaitDeadlinePassed,
     settle,
 )
-from session_manager.session.record import AGENT_PREFIX, JsonDict, ServiceSlot, SessionRecord
+from session_manager.session.record import (
+    AGENT_PREFIX,
+    Failover,
+    JsonDict,
+    ServiceSlot,
+    SessionRecord,
+)
 from session_manager.session.states import (
     ENDING,
     TABLE,
@@ -275,6 +283,10 @@ class SessionActor:
         await self._terminate(message.reason)
         settle(message.reply, self.record.view())
 
+    async def _on_claim(self, message: Claim) -> None:
+        """Only a warm pool's member (`session.pool_member`) can be handed to a user."""
+        settle(message.reply, error=Conflict("this session is not a warm pool's member"))
+
     async def _detach(self, _: Detach) -> None:
         if self._create_reply is not None and not self._relinquished:
             # Its creator has no answer yet, so no user has its token: nobody would miss it,
@@ -447,9 +459,22 @@ class SessionActor:
             requirement=slot.requirement,
             endpoint=slot.endpoint,
             redispatches=slot.redispatches,
+            **self._failover_under_way(slot),
         )
         task = self._spawn(self._join_room(slot.requirement, slot.endpoint, request))
         self._dispatching[slot.requirement] = (slot.service_id, task)
+
+    @staticmethod
+    def _failover_under_way(slot: ServiceSlot) -> dict[str, Any]:
+        """For a redispatch: why the slot moved, from where, and how long finding out took."""
+        failover = slot.failover
+        if failover is None or failover.replaced_at is not None:
+            return {}
+        return {
+            "cause": failover.cause,
+            "from_service_id": failover.from_service_id,
+            "detect_ms": failover.detect_ms,
+        }
 
     def _dispatch_agent(self, slot: ServiceSlot, agent_name: str) -> None:
         """Ask LiveKit to dispatch a livekit-agents worker named `agent_name` to the room. Its
@@ -472,6 +497,7 @@ class SessionActor:
             requirement=slot.requirement,
             agent_name=agent_name,
             redispatches=slot.redispatches,
+            **self._failover_under_way(slot),
         )
         task = self._spawn(self._create_dispatch(slot.requirement, agent_name, metadata))
         self._dispatching[slot.requirement] = (slot.service_id, task)
@@ -601,11 +627,19 @@ class SessionActor:
 
     # failover --------------------------------------------------------------------------------
 
-    async def _replace(self, slot: ServiceSlot, reason: str, *, declined: bool = False) -> None:
+    async def _replace(
+        self,
+        slot: ServiceSlot,
+        reason: str,
+        *,
+        declined: bool = False,
+        cause: FailoverCause = FailoverCause.DISPATCH_FAILED,
+    ) -> None:
         """A slot lost its instance (dispatch failed or declined, or it left the room): dispatch
         again — the same instance once, then another of the same type — or end the session."""
         if self.record.status in (S.TERMINATING, S.TERMINATED):
             return
+        self._note_failover(slot, cause)
         if slot.agent_name is not None:
             await self._redispatch_agent(slot, reason)
             return
@@ -808,6 +842,7 @@ class SessionActor:
                 service_id=slot.service_id,
                 requirement=slot.requirement,
                 join_ms=slot.join_ms,
+                **self._failover_over(slot),
             )
             return True
         # Only the connection that joined can leave: a leave while the slot waits for its
@@ -823,7 +858,11 @@ class SessionActor:
         self._emit(
             EventType.MICROSERVICE_LEFT, service_id=slot.service_id, requirement=slot.requirement
         )
-        await self._replace(slot, "left the room")
+        # An instance that leaves while draining hands its session over: no failure.
+        same = self._deps.registry.find(slot.service_id)
+        draining = same is not None and same.draining
+        cause = FailoverCause.DRAIN if draining else FailoverCause.LEFT_ROOM
+        await self._replace(slot, "left the room", cause=cause)
         return True
 
     def _on_stranger(self, event: RoomEvent, joined: bool) -> None:
@@ -857,9 +896,11 @@ class SessionActor:
             )
 
     async def _on_instance_lost(self, message: InstanceLost) -> None:
-        """An instance turned Unhealthy: move its slot to another instance now, rather than
-        wait the ~20 s LiveKit takes to declare a vanished participant gone. With no other
-        instance to go to, keep it: LiveKit's own verdict will follow."""
+        """An instance turned Unhealthy (its process was lost, or its checks failed): move its
+        slot to another instance now, rather than wait the ~20 s LiveKit takes to declare a
+        vanished participant gone, and have LiveKit drop its participant at once, so neither
+        LiveKit nor the client keeps a ghost. With no other instance to go to, keep it:
+        LiveKit's own verdict will follow."""
         service_id, reason = message.service_id, message.reason
         slot = self.record.slot_of(service_id)
         if slot is None:
@@ -869,13 +910,64 @@ class SessionActor:
         if chosen is None or slot.redispatches >= self._deps.max_redispatch:
             return
         log.info(
-            "replacing an unhealthy service",
-            extra=self._log_extra(old=service_id, new=chosen.service_id, reason=reason),
+            "replacing a lost service",
+            extra=self._log_extra(
+                old=service_id, new=chosen.service_id, reason=reason, cause=message.cause.value
+            ),
         )
-        self._spawn(self._leave_room(replace(slot)))  # in case it is still in the room
+        if message.cause is not FailoverCause.PROCESS_LOST:
+            self._spawn(self._leave_room(replace(slot)))  # alive, maybe: asked to go, too
+        # Its participant's later participant_left names an identity no slot holds any more
+        # (or an earlier connection of one): it is ignored, never taken for the replacement.
+        self._spawn(self._remove_participant(service_id))
+        self._note_failover(
+            slot, message.cause, detected_at=message.detected_at, gone_at=message.gone_at
+        )
         slot.redispatches += 1
         slot.retried_in_place = False
         self._fill(slot, chosen)
+
+    def _note_failover(
+        self,
+        slot: ServiceSlot,
+        cause: FailoverCause,
+        *,
+        detected_at: datetime | None = None,
+        gone_at: datetime | None = None,
+    ) -> None:
+        """Remember why and when the slot lost its instance. A slot still being refilled
+        after an earlier loss keeps that one: its failover lasts until someone joins."""
+        if slot.failover is not None and slot.failover.replaced_at is None:
+            return
+        slot.failover = Failover(
+            cause.value, slot.service_id, detected_at=detected_at or utc_now(), gone_at=gone_at
+        )
+
+    def _failover_over(self, slot: ServiceSlot) -> dict[str, Any]:
+        """The slot's new occupant joined: its failover is over. Its timings (for the join
+        event) and the histogram's observation; nothing when no failover was under way."""
+        failover = slot.failover
+        if failover is None or failover.replaced_at is not None:
+            return {}
+        failover.replaced_at = slot.joined_at or utc_now()
+        seconds = failover.failover_ms
+        if seconds is not None:
+            self._deps.on_failover(failover.cause, seconds / 1000)
+        log.info(
+            "service slot filled again",
+            extra=self._log_extra(
+                service_id=slot.service_id,
+                cause=failover.cause,
+                failover_ms=failover.failover_ms,
+            ),
+        )
+        return {
+            "cause": failover.cause,
+            "from_service_id": failover.from_service_id,
+            "detect_ms": failover.detect_ms,
+            "replace_ms": failover.replace_ms,
+            "failover_ms": failover.failover_ms,
+        }
 
     def _excluded(self, slot: ServiceSlot, in_use: set[str]) -> set[str]:
         """Instances a slot must not move to: those in use, those that declined it, and one

@@ -30,6 +30,10 @@ def _not_observed(seconds: float) -> None:
     return None
 
 
+def _failover_not_observed(cause: str, seconds: float) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class SessionDeps:
     """What every session actor uses, shared and owned by the daemon."""
@@ -52,6 +56,8 @@ class SessionDeps:
     persist: Callable[[SessionRecord], Awaitable[None]] = _nothing_to_persist
     # Told the seconds from a session's creation to its first Ready (metrics); must not block.
     on_ready: Callable[[float], None] = _not_observed
+    # Told a failover's cause and its seconds from the loss to the new occupant's join.
+    on_failover: Callable[[str, float], None] = _failover_not_observed
 
 
 def duration_limit(metadata: JsonDict) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from session_manager.dispatch import DispatchOutcome
@@ -117,12 +119,39 @@ class RemoveService:
     reply: asyncio.Future[Any]
 
 
+class FailoverCause(StrEnum):
+    """Why a slot moved to another instance (or was filled again): shown in the slot's view,
+    the dispatch and join events, and the failover histogram's label."""
+
+    PROCESS_LOST = "process lost"  # its presence connection was lost without a goodbye
+    HEALTH = "health"  # its health checks failed `unhealthy_after` times
+    LEFT_ROOM = "left room"  # LiveKit said it left the room
+    DRAIN = "drain"  # it left the room while draining: a handover, no failure
+    DISPATCH_FAILED = "dispatch failed"  # its join-room failed or was declined
+
+
 @dataclass(frozen=True)
 class InstanceLost:
-    """An instance this session uses is known to be gone (it turned Unhealthy)."""
+    """An instance this session uses is known to be gone (it turned Unhealthy): `cause` says
+    how it was found out; `gone_at` when it went, if known, `detected_at` when it was known."""
 
     service_id: str
     reason: str
+    cause: FailoverCause = FailoverCause.HEALTH
+    gone_at: datetime | None = None
+    detected_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A warm pool's Ready member is handed to a user (`session.pool_member`): it becomes their
+    session and answers `reply` with it, Ready."""
+
+    user_identity: str
+    user_name: str | None
+    metadata: dict[str, Any]
+    owner: str | None
+    reply: asyncio.Future[SessionCreated]
 
 
 @dataclass(frozen=True)
@@ -146,6 +175,7 @@ SessionMessage = (
     | AddService
     | RemoveService
     | InstanceLost
+    | Claim
     | Terminate
 )
 

@@ -29,6 +29,59 @@ def _ms_between(start: datetime | None, end: datetime | None) -> float | None:
 
 
 @dataclass
+class Failover:
+    """The last time a slot lost its instance and was filled again: why, from which instance,
+    when the loss happened (`gone_at`, if known: a presence connection's drop), when the manager
+    knew it (`detected_at`), and when the new occupant joined (`replaced_at`)."""
+
+    cause: str
+    from_service_id: str
+    detected_at: datetime
+    gone_at: datetime | None = None
+    replaced_at: datetime | None = None
+
+    @property
+    def detect_ms(self) -> float | None:
+        return _ms_between(self.gone_at, self.detected_at)
+
+    @property
+    def replace_ms(self) -> float | None:
+        return _ms_between(self.detected_at, self.replaced_at)
+
+    @property
+    def failover_ms(self) -> float | None:
+        """From the loss (or its detection, when the loss's moment is unknown) to the join."""
+        return _ms_between(self.gone_at or self.detected_at, self.replaced_at)
+
+    def view(self) -> JsonDict:
+        return {
+            "cause": self.cause,
+            "from_service_id": self.from_service_id,
+            "gone_at": _ts(self.gone_at),
+            "detected_at": _ts(self.detected_at),
+            "replaced_at": _ts(self.replaced_at),
+            "detect_ms": self.detect_ms,
+            "replace_ms": self.replace_ms,
+            "failover_ms": self.failover_ms,
+        }
+
+    @classmethod
+    def from_view(cls, view: Any) -> Failover | None:
+        if not isinstance(view, dict):
+            return None
+        detected = _moment(view.get("detected_at"))
+        if detected is None:
+            return None
+        return cls(
+            cause=str(view.get("cause") or ""),
+            from_service_id=str(view.get("from_service_id") or ""),
+            detected_at=detected,
+            gone_at=_moment(view.get("gone_at")),
+            replaced_at=_moment(view.get("replaced_at")),
+        )
+
+
+@dataclass
 class ServiceSlot:
     """One required microservice in one session: what was asked for (`requirement`, a service id,
     `type:X`, or `agent:NAME`) and the instance currently filling it (`service_id`). An agent's
@@ -50,6 +103,7 @@ class ServiceSlot:
     joined_at: datetime | None = None
     left_at: datetime | None = None
     dispatch_id: str | None = None  # an agent's: LiveKit's AgentDispatch now out for it
+    failover: Failover | None = None  # the last time it lost its instance; kept across assign
 
     @property
     def agent_name(self) -> str | None:
@@ -87,6 +141,7 @@ class ServiceSlot:
             joined_at=_moment(view.get("joined_at")),
             left_at=_moment(view.get("left_at")),
             dispatch_id=view.get("dispatch_id"),
+            failover=Failover.from_view(view.get("failover")),
         )
 
     def view(self) -> JsonDict:
@@ -107,6 +162,9 @@ class ServiceSlot:
             "join_ms": self.join_ms,
             # An agent's: LiveKit's AgentDispatch id (None for an HTTP microservice).
             "dispatch_id": self.dispatch_id,
+            # The last time the slot lost its instance: why, and how long finding out and
+            # filling it again took (null: it never did).
+            "failover": self.failover.view() if self.failover else None,
         }
 
 
@@ -133,6 +191,7 @@ class SessionRecord:
     # When each running timer fires (its name in the view -> the moment): stored with the view,
     # so a restarted manager that adopts the session fires them at the same moments.
     deadlines: dict[str, datetime] = field(default_factory=dict)
+    pool: str | None = None  # the warm pool it was taken from (`session_manager.pools`)
 
     @property
     def all_services_joined(self) -> bool:
@@ -172,6 +231,7 @@ class SessionRecord:
             "ready_ms": self.ready_ms,
             "owner": self.owner,
             "deadlines": {name: rfc3339(moment) for name, moment in self.deadlines.items()},
+            "pool": self.pool,
         }
 
     @classmethod
@@ -202,4 +262,5 @@ class SessionRecord:
                 for name, text in (view.get("deadlines") or {}).items()
                 if (moment := _moment(text)) is not None
             },
+            pool=view.get("pool"),
         )

@@ -96,6 +96,8 @@ TABLE: dict[str, Rule] = {
     "AddService": _rule(RUNNING, "_on_add_service", W),
     "RemoveService": _rule(RUNNING, "_on_remove_service", R, A),
     "InstanceLost": _rule(RUNNING, "_on_instance_lost", W),
+    # a warm pool's Ready member handed to a user (only a pool member takes it)
+    "Claim": _rule(frozenset({R}), "_on_claim", R, T1, T2),
     # DELETE, the manager shutting down, LiveKit gone
     "Terminate": _rule(RUNNING, "_on_terminate", T1, T2),
 }

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from session_manager.events import EventLog
+from session_manager.pools import WarmPoolSetting
 from session_manager.registry import Registry
 from session_manager.session.deps import SessionDeps
 from session_manager.store import MemoryStore
@@ -29,6 +30,8 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
         gateway: FakeGateway | None = None,
         keep_sessions_at_shutdown: bool = False,
         take_over: bool = False,
+        warm_pools: list[WarmPoolSetting] | None = None,
+        max_live_sessions: int = 10_000,
         **overrides: Any,
     ) -> Harness:
         """`store` and `gateway`: those a previous harness left (a restart); `take_over`:
@@ -57,6 +60,8 @@ async def make_harness() -> AsyncIterator[HarnessFactory]:
             deps,
             events=events,
             keep_sessions_at_shutdown=keep_sessions_at_shutdown,
+            warm_pools=warm_pools,
+            max_live_sessions=max_live_sessions,
         )
         adopted = None
         if take_over:

@@ -16,7 +16,7 @@ from session_manager.commands import (
     NewSession,
     RemoveSessionService,
 )
-from session_manager.dispatch import DispatchOutcome, JoinRoomRequest
+from session_manager.dispatch import DispatchOutcome, JoinRoomRequest, SessionStartedRequest
 from session_manager.errors import Conflict, NotFound, SessionGone
 from session_manager.events import EventLog
 from session_manager.livekit.gateway import LiveKitEndpoint
@@ -86,6 +86,9 @@ class FakeGateway:
     async def remove_participant(self, room: str, identity: str) -> None:
         self.removed.append((room, identity))
 
+    async def update_room_metadata(self, room: str, metadata: str) -> None:
+        self.metadata[room] = metadata
+
     def mint_token(self, *, identity: str, room_name: str, ttl: timedelta, **_: Any) -> str:
         return f"token:{identity}:{room_name}:{int(ttl.total_seconds())}"
 
@@ -128,6 +131,13 @@ class FakeMicroservices:
         self, endpoint: str, session_id: str, room_name: str, *, service_id: str | None = None
     ) -> str | None:
         self.left.append((endpoint, session_id))
+        return None
+
+    # session-started calls (a warm pool's room handed to a user), as sent
+    started: list[SessionStartedRequest] = field(default_factory=list)
+
+    async def session_started(self, endpoint: str, request: SessionStartedRequest) -> str | None:
+        self.started.append(request)
         return None
 
 

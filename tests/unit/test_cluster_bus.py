@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -90,3 +91,34 @@ async def test_a_bus_whose_loop_dies_answers_its_waiters_and_is_fatal(
         assert fatal == ["cluster bus loop ended: RuntimeError"]
     finally:
         await bus.aclose()
+
+
+async def test_presence_seen_and_lost_reach_the_other_processes(
+    redis: Redis, redis_prefix: str
+) -> None:
+    """A stream seen on one process cancels the others' grace; a verdict reaches them all (with
+    the moment the connection went), and never comes back to the process that sent it."""
+    a, b = await member(redis, redis_prefix, "a"), await member(redis, redis_prefix, "b")
+    heard: list[tuple[Any, ...]] = []
+
+    def listen(bus: ClusterBus, name: str) -> None:
+        def seen(service_id: str) -> None:
+            heard.append((name, "seen", service_id))
+
+        def lost(service_id: str, gone_at: datetime) -> None:
+            heard.append((name, "lost", service_id, gone_at))
+
+        bus.presence_seen, bus.presence_lost = seen, lost
+
+    listen(a, "a")
+    listen(b, "b")
+    try:
+        gone_at = datetime(2026, 1, 1, 12, 0, 0, 123000, tzinfo=UTC)
+        a.share_presence("seen", "pong-a", None)
+        a.share_presence("lost", "pong-b", gone_at)
+        await eventually(lambda: len(heard) == 2)
+        # Sent by two tasks: they may arrive in either order.
+        assert set(heard) == {("b", "seen", "pong-a"), ("b", "lost", "pong-b", gone_at)}
+    finally:
+        await a.aclose()
+        await b.aclose()

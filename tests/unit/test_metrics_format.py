@@ -17,6 +17,7 @@ from session_manager.dispatch import DispatchOutcome
 from session_manager.events import DeliveryStats, WebhookTarget
 from session_manager.health_board import Problem
 from session_manager.metrics import Metrics
+from session_manager.pools import WarmPools, WarmPoolSetting
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,11 +25,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def fake_daemon(**counts: int) -> Any:
     """What the collector reads of a daemon, and nothing else."""
     stats = DeliveryStats(delivered=counts.get("delivered", 0), queued=3)
+    pools = WarmPools([WarmPoolSetting(services=["type:TTS", "type:ASR"], size=2)])
+    pool = pools.pools["type:ASR+type:TTS"]
+    pool.hits, pool.misses = counts.get("pool_hits", 0), counts.get("pool_misses", 0)
     return SimpleNamespace(
         supervisor=SimpleNamespace(
             live_statuses=lambda: {"Ready": 2},
             sessions_created=counts.get("created", 0),
             sessions_ended=0,
+            pools=pools,
+            pool_ready=lambda pool: counts.get("pool_ready", 0),
         ),
         events=SimpleNamespace(subscriber_count=1, recorded=counts.get("events", 0)),
         registry=SimpleNamespace(all=list),
@@ -124,6 +130,20 @@ def test_each_metrics_has_its_own_registry_with_process_metrics() -> None:
     assert ("process_resident_memory_bytes", ()) in scrape(second)[1]
 
 
+def test_each_warm_pool_has_its_ready_gauge_and_counters() -> None:
+    metrics = Metrics()
+    metrics.registry.register(
+        DaemonCollector(fake_daemon(pool_hits=3, pool_misses=1, pool_ready=2))
+    )
+    _, samples = scrape(metrics)
+    label = ("pool=type:ASR+type:TTS",)
+    assert samples[("session_manager_pool_ready", label)] == 2
+    assert samples[("session_manager_pool_hits_total", label)] == 3
+    assert samples[("session_manager_pool_misses_total", label)] == 1
+    for counter in ("refills", "expiries", "fill_failures", "lost"):
+        assert samples[(f"session_manager_pool_{counter}_total", label)] == 0
+
+
 def test_the_grafana_dashboard_graphs_only_metrics_the_manager_exposes() -> None:
     dashboard = json.loads((ROOT / "scripts" / "grafana-dashboard.json").read_text())
     metrics = Metrics()
@@ -149,4 +169,5 @@ def test_the_grafana_dashboard_graphs_only_metrics_the_manager_exposes() -> None
         "session_manager_join_room_duration_seconds",
         "session_manager_http_request_duration_seconds",
         "session_manager_webhook_delivery_duration_seconds",
+        "session_manager_failover_seconds",
     }

@@ -17,6 +17,7 @@ from openapi_spec_validator.versions.shortcuts import get_spec_version
 
 from session_manager.api.app import create_app
 from session_manager.api.auth import ROUTE_SCOPES
+from session_manager.api.console import CONSOLE_ASSETS_PATH
 from session_manager.api.docs import (
     CONTENT_SECURITY_POLICY,
     DOCS_ASSETS_PATH,
@@ -34,11 +35,14 @@ HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "tra
 
 
 def served_routes(app: web.Application) -> set[tuple[str, str]]:
-    """(method, path template) of every route, without HEAD twins and the docs' asset files."""
+    """(method, path template) of every route, without HEAD twins and the docs' and the
+    console's asset files."""
     found = set()
     for route in app.router.routes():
         resource = route.resource
-        if resource is None or route.method == "HEAD" or resource.canonical == DOCS_ASSETS_PATH:
+        if resource is None or route.method == "HEAD":
+            continue
+        if resource.canonical in (DOCS_ASSETS_PATH, CONSOLE_ASSETS_PATH):
             continue
         found.add((route.method, resource.canonical))
     return found

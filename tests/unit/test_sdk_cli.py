@@ -74,6 +74,7 @@ def test_without_flags_or_environment_the_codes_values_hold() -> None:
         "advertise_url": None,
         "trusted_livekit_urls": ("ws://lk:7880",),
         "max_sessions": 4,
+        "presence": True,
     }
     assert (args.service_id, args.log_level) == ("echo-1", "WARNING")
 
@@ -88,6 +89,7 @@ def test_the_sdks_defaults_fill_what_the_code_leaves_out() -> None:
         "advertise_url": None,
         "trusted_livekit_urls": (),
         "max_sessions": None,
+        "presence": True,
     }
     assert args.log_level == "INFO"
 
@@ -142,6 +144,7 @@ def test_flags_override_the_environment_and_the_code() -> None:
         # A LiveKit to trust is added to those the code trusts.
         "trusted_livekit_urls": ("ws://lk:7880", "ws://other-lk:7880"),
         "max_sessions": 8,
+        "presence": True,
     }
 
 
@@ -382,3 +385,13 @@ async def test_run_service_refuses_an_unknown_flag_with_its_usage(tmp_path: Path
     assert process.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in stderr.decode()
     assert "--manager-url" in stderr.decode()  # the usage names the SDK's flags
+
+
+def test_presence_is_on_unless_the_flag_or_the_environment_turns_it_off() -> None:
+    assert runner_options(parse([], service_id="echo-1"))["presence"] is True
+    assert runner_options(parse(["--no-presence"], service_id="echo-1"))["presence"] is False
+    off = parse([], {"SESSION_MANAGER_PRESENCE": "off"}, service_id="echo-1")
+    assert runner_options(off)["presence"] is False
+    on = parse([], {"SESSION_MANAGER_PRESENCE": "on"}, service_id="echo-1")
+    assert runner_options(on)["presence"] is True
+    assert runner_options(parse([], service_id="echo-1", presence=False))["presence"] is False

@@ -336,14 +336,19 @@ async def test_health_checks_run_at_most_health_concurrency_at_once() -> None:
         on_results=rounds.append,
         concurrency=3,
     )
-    checking = asyncio.create_task(monitor.check_all())
-    await until(lambda: client.in_flight == 3)
-    client.release.set()
-    await checking
+
+    def checked() -> list[str]:
+        return sorted(service_id for batch in rounds for service_id, _ in batch)
+
+    await monitor.start()
+    try:
+        await until(lambda: client.in_flight == 3)
+        client.release.set()
+        await until(lambda: len(checked()) == 10)
+    finally:
+        await monitor.aclose()
     assert client.peak == 3
-    assert sorted(service_id for service_id, _ in rounds[0]) == sorted(
-        f"slow-{n}" for n in range(10)
-    )
+    assert checked() == sorted(f"slow-{n}" for n in range(10))
 
 
 # the secret in the registry ------------------------------------------------------------------
