@@ -59,6 +59,7 @@ from typing import Any
 import aiohttp
 from bench_harness import (
     HOST,
+    call_api,
     child_env,
     client_loop_name,
     cpu_model,
@@ -195,13 +196,7 @@ class Api:
     async def call(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> tuple[int, dict[str, Any]]:
-        async with self.http.request(method, self.base_url + path, json=body) as response:
-            payload = await response.read()
-            try:
-                answer = json.loads(payload)
-            except ValueError:
-                answer = {"raw": payload[:200].decode(errors="replace")}
-            return response.status, answer if isinstance(answer, dict) else {"raw": answer}
+        return await call_api(self.http, self.base_url, method, path, body)
 
     async def until(
         self, path: str, done: Callable[[dict[str, Any]], bool], timeout: float, what: str

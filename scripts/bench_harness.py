@@ -315,6 +315,27 @@ async def running_process(
         kill_survivors(orphans)
 
 
+# --- the manager's API ------------------------------------------------------------------------
+
+
+async def call_api(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """One call to the manager's API: its status and its JSON object (a body that is not an
+    object comes back as `{"raw": ...}`, so a failing call can still be reported)."""
+    async with http.request(method, base_url + path, json=body) as response:
+        payload = await response.read()
+    try:
+        answer = json.loads(payload)
+    except ValueError:
+        answer = {"raw": payload[:200].decode(errors="replace")}
+    return response.status, answer if isinstance(answer, dict) else {"raw": answer}
+
+
 # --- LiveKit and the children that use it -----------------------------------------------------
 
 

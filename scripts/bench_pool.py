@@ -48,6 +48,7 @@ import aiohttp
 from bench_harness import (
     HOST,
     PROJECT_ROOT,
+    call_api,
     child_env,
     client_loop_name,
     cpu_model,
@@ -195,9 +196,7 @@ class Bench:
     async def call(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> tuple[int, dict[str, Any]]:
-        async with self.http.request(method, self.base_url + path, json=body) as response:
-            answer = await response.json(content_type=None)
-            return response.status, answer if isinstance(answer, dict) else {"raw": answer}
+        return await call_api(self.http, self.base_url, method, path, body)
 
     async def pool_ready(self) -> int:
         _, answer = await self.call("GET", POOLS_PATH)

@@ -64,6 +64,7 @@ from aiohttp import web
 from bench_harness import (
     HOST,
     PROJECT_ROOT,
+    call_api,
     child_env,
     client_loop_name,
     cpu_model,
@@ -276,13 +277,7 @@ class Bench:
     async def call(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> tuple[int, dict[str, Any]]:
-        async with self.http.request(method, self.base_url + path, json=body) as response:
-            payload = await response.read()
-            try:
-                answer = json.loads(payload)
-            except ValueError:
-                answer = {"raw": payload[:200].decode(errors="replace")}
-            return response.status, answer if isinstance(answer, dict) else {"raw": answer}
+        return await call_api(self.http, self.base_url, method, path, body)
 
     async def manager_session(self, path: str, index: str) -> Sample:
         sample = Sample(path)
