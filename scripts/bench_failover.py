@@ -74,6 +74,9 @@ from bench_harness import (
     tail,
     usable_cpus,
 )
+from bench_harness import (
+    require_netns as shared_require_netns,
+)
 from livekit import rtc
 
 CASES = ("sdk", "http", "graceful")
@@ -177,12 +180,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
 
 def require_netns() -> None:
-    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
-        raise SystemExit(
-            "bench_failover: run it as `scripts/netns-run.sh .venv/bin/python "
-            "scripts/bench_failover.py`: WebRTC needs the private network namespace "
-            "(SESSION_MANAGER_NETNS=1 is not set)"
-        )
+    shared_require_netns(
+        "bench_failover", "scripts/netns-run.sh .venv/bin/python scripts/bench_failover.py"
+    )
 
 
 # --- the manager's API ------------------------------------------------------------------------

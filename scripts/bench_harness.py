@@ -315,6 +315,31 @@ async def running_process(
         kill_survivors(orphans)
 
 
+# --- the private network namespace ------------------------------------------------------------
+
+NETNS_ENV = "SESSION_MANAGER_NETNS"  # exported by scripts/netns-run.sh
+PRIVATE_INTERFACES = frozenset({"lo", "sm-veth0", "sm-veth1"})  # all that exists in there
+
+
+def in_private_netns() -> bool:
+    """Inside scripts/netns-run.sh's namespace: its variable is set, and the interfaces this
+    process sees (/proc/self/net/dev is per network namespace) are only loopback and its veth
+    pair, so a variable set by hand elsewhere does not pass."""
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    seen = {line.split(":", 1)[0].strip() for line in lines if ":" in line}
+    return os.environ.get(NETNS_ENV) == "1" and seen <= PRIVATE_INTERFACES
+
+
+def require_netns(program: str, command: str) -> None:
+    """Stop `program` unless it runs inside the private namespace: WebRTC needs the veth
+    (it skips loopback), and nothing it sends may reach another network."""
+    if not in_private_netns():
+        raise SystemExit(
+            f"{program}: run it as `{command}`: WebRTC needs the private network namespace "
+            "of scripts/netns-run.sh"
+        )
+
+
 # --- the manager's API ------------------------------------------------------------------------
 
 

@@ -59,6 +59,9 @@ from bench_harness import (
     running_process,
     usable_cpus,
 )
+from bench_harness import (
+    require_netns as shared_require_netns,
+)
 from bench_harness import running_livekit as shared_running_livekit
 
 sys.path.insert(0, str(PROJECT_ROOT))
@@ -125,11 +128,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
 
 def require_netns() -> None:
-    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
-        raise SystemExit(
-            "bench_pool: run it as `scripts/netns-run.sh .venv/bin/python scripts/bench_pool.py`"
-            ": WebRTC needs the private network namespace (SESSION_MANAGER_NETNS=1 is not set)"
-        )
+    shared_require_netns(
+        "bench_pool", "scripts/netns-run.sh .venv/bin/python scripts/bench_pool.py"
+    )
 
 
 # --- the processes ------------------------------------------------------------------------------

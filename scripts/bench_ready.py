@@ -76,6 +76,9 @@ from bench_harness import (
     running_process,
     usable_cpus,
 )
+from bench_harness import (
+    require_netns as shared_require_netns,
+)
 from bench_harness import running_livekit as shared_running_livekit
 from livekit import api, rtc
 
@@ -185,11 +188,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
 
 def require_netns() -> None:
-    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
-        raise SystemExit(
-            "bench_ready: run it as `scripts/netns-run.sh .venv/bin/python scripts/bench_ready.py`"
-            ": WebRTC needs the private network namespace (SESSION_MANAGER_NETNS=1 is not set)"
-        )
+    shared_require_netns(
+        "bench_ready", "scripts/netns-run.sh .venv/bin/python scripts/bench_ready.py"
+    )
 
 
 # --- LiveKit's webhooks, as they arrive -------------------------------------------------------

@@ -71,6 +71,9 @@ from bench_harness import (
     running_process,
     usable_cpus,
 )
+from bench_harness import (
+    require_netns as shared_require_netns,
+)
 from bench_harness import running_livekit as shared_running_livekit
 from livekit import api
 
@@ -229,11 +232,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
 
 
 def require_netns() -> None:
-    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
-        raise SystemExit(
-            "soak: run through scripts/soak.sh: the services' WebRTC needs the private network "
-            "namespace of scripts/netns-run.sh (SESSION_MANAGER_NETNS=1 is not set)"
-        )
+    shared_require_netns("soak", "scripts/soak.sh")
 
 
 # --- counting ---------------------------------------------------------------------------------

@@ -32,8 +32,7 @@ from redis.retry import Retry
 from session_manager.api.app import create_app
 from session_manager.config import Settings
 from session_manager.livekit.server import die_with_parent, find_binary, new_config
-
-NETNS_ENV = "SESSION_MANAGER_NETNS"
+from tests.netns import in_private_netns
 
 
 class _FfiPanicGuard:
@@ -63,7 +62,7 @@ _ffi_client.os = _FfiPanicGuard(_ffi_client.os)  # type: ignore[assignment]
 def require_netns() -> None:
     """Tests with a real LiveKit run only inside the private network namespace of
     scripts/test.sh: there WebRTC works and no packet can reach another network."""
-    if os.environ.get(NETNS_ENV) != "1":
+    if not in_private_netns():
         pytest.fail(
             "this test needs the private network namespace: run it through scripts/test.sh "
             "(or scripts/netns-run.sh .venv/bin/python -m pytest ...)"
@@ -285,7 +284,7 @@ def _our_survivors() -> dict[int, str]:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The suite ends by checking that no manager, LiveKit or service it started is still
     alive (only inside the private namespace, where every process is the run's own)."""
-    if os.environ.get(NETNS_ENV) != "1":
+    if not in_private_netns():
         return
     survivors = _our_survivors()
     deadline = time.monotonic() + 5  # children told to stop may still be on their way out

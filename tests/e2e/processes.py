@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 
 from session_manager.livekit.server import die_with_parent
+from tests.netns import NETNS_ENV, in_private_netns
 
 T = TypeVar("T")
 
@@ -37,11 +38,11 @@ LOG_TAIL_LINES = 80
 
 # Settings a developer's shell may carry; the manager must run on its embedded defaults here.
 _SETTING_ENV_PREFIXES = ("SESSION_MANAGER_", "LIVEKIT_")
-_KEPT_ENV = frozenset({"SESSION_MANAGER_NETNS"})
+_KEPT_ENV = frozenset({NETNS_ENV})
 
 
 def require_netns() -> None:
-    if os.environ.get("SESSION_MANAGER_NETNS") != "1":
+    if not in_private_netns():
         pytest.fail("run through scripts/test.sh: this test needs the private network namespace")
 
 
