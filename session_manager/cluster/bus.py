@@ -128,6 +128,10 @@ class ClusterBus:
         """The health checks this process made (it leads them): every other process applies
         the same results. Sent by a task the bus owns; a lost message costs one round."""
         message = {"kind": "health", "from": self.node_id, "results": results}
+        self._send_in_background(message)
+
+    def _send_in_background(self, message: JsonDict) -> None:
+        """Publish from a task the bus owns (cancelled and awaited when it closes)."""
         task = asyncio.create_task(self._send_quietly(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -149,9 +153,7 @@ class ClusterBus:
             "service_id": service_id,
             "gone_at": rfc3339(gone_at) if gone_at is not None else None,
         }
-        task = asyncio.create_task(self._send_quietly(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._send_in_background(message)
 
     async def announce_registration(self, service_id: str, status: str | None) -> None:
         """This process changed a registration in the shared store: the others read it."""
