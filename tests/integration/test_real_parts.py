@@ -206,8 +206,12 @@ async def test_an_instance_found_unhealthy_by_the_monitor_is_kept_when_nothing_c
             "the witness session moved to move-2",
         )
         assert only_slot(moved)["redispatches"] == 1, moved
-        unhealthy = await microservice(manager, "keep-1")
-        assert unhealthy["status"] == "Unhealthy", unhealthy
+        # Each instance is checked on its own schedule, so keep-1's verdict may come a beat later.
+        unhealthy = await wait_until(
+            lambda: microservice(manager, "keep-1"),
+            lambda view: view["status"] == "Unhealthy",
+            "keep-1 found unhealthy by the monitor",
+        )
         assert "500" in unhealthy["last_error"], unhealthy
         # keep-1 is Unhealthy, so its loss is in the kept session's inbox; any request to that
         # session is answered after it, and this one changes nothing.
