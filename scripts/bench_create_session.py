@@ -35,6 +35,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,9 +80,13 @@ from session_manager.livekit.server import (
 CREATE_PATH = "/api/v1/create-session"
 HEALTH_PATH = "/health"
 WEBHOOK_PATH = "/livekit/webhook"
+# Every room and session the run makes outlives it (the manager is given the same two timeouts):
+# with LiveKit's 300 s, the pre-filled sessions and the first rounds' rooms all expired together
+# in the middle of a long run, and that burst of deletes and webhooks stalled whichever path was
+# being measured then.
+ROOM_EMPTY_TIMEOUT = 3600
 # What the manager uses by default for a session without duration_limit, so both paths mint the
 # same token: identity, grants, ttl and the two attributes.
-ROOM_EMPTY_TIMEOUT = 300
 TOKEN_TTL = timedelta(hours=6)
 ROLE_ATTRIBUTE = "session_manager.role"
 SESSION_ATTRIBUTE = "session_manager.session_id"
@@ -93,6 +98,9 @@ DECAY_TARGET = 0.7  # issue 14: the slowest round keeps 70% of the fastest round
 REQUEST_TIMEOUT = 30.0
 PREFILL_CONCURRENCY = 32
 GC_STALL = 0.025  # a full GC pause longer than this shows in a create-session's p99
+LOOP_STALL = 0.05  # a timer this late: every request in flight waited as long
+WRITE_STALL = 0.025  # a store batch this slow holds back every create waiting on it
+LIVEKIT_STALL = 0.25  # a CreateRoom this slow is LiveKit's share of the manager's p99
 START_TIMEOUT = 30.0
 # The manager ends every live session (one DeleteRoom each) before it exits.
 MANAGER_STOP_TIMEOUT = 90.0
@@ -221,8 +229,9 @@ class Batch:
     first_error: str | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds used by each process
     # The manager's garbage-collector pauses during the batch (manager batches only): count,
-    # total seconds and how many took over GC_STALL seconds, for full collections (gen 2).
-    gc_full: dict[str, float] = field(default_factory=dict)
+    # the manager's stalls during the batch (`pause_summary`): full collections (gc), event
+    # loop lag (lag) and store batch writes (write)
+    pauses: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def cpu_snapshot(pids: Mapping[str, int]) -> dict[str, float]:
@@ -279,8 +288,8 @@ class PathStats:
     sessions_per_s: float
     round_sessions_per_s: list[float]  # each round's rate: a falling series is decay
     round_p99_ms: list[float]
-    # the manager's full GC collections per round: count, total ms, over GC_STALL
-    round_gc_full: list[dict[str, float]]
+    # the manager's stalls per round: full GC collections, loop lag, store writes
+    round_pauses: list[dict[str, dict[str, float]]]
     cpu_ms_per_session: dict[str, float]
     first_error: str | None
 
@@ -310,11 +319,7 @@ def summarize(path: str, batches: list[Batch], concurrency: int) -> PathStats:
             round(len(b.latencies) / b.wall, 1) if b.wall > 0 else math.nan for b in batches
         ],
         round_p99_ms=[round(percentile(sorted(b.latencies), 99) * 1000, 1) for b in batches],
-        round_gc_full=[
-            {k: round(v * 1000, 1) if k == "seconds" else v for k, v in b.gc_full.items()}
-            for b in batches
-            if b.gc_full
-        ],
+        round_pauses=[b.pauses for b in batches if b.pauses],
         cpu_ms_per_session={name: round(ms, 3) for name, ms in cpu_ms.items()},
         first_error=first_error,
     )
@@ -393,11 +398,14 @@ def manager_env(config: ManagedLiveKitConfig, settings: Mapping[str, str] = {}) 
 
 def manager_settings(options: Options) -> dict[str, str]:
     """The settings given with --manager-setting; max_live_sessions is raised to hold every
-    session the run creates (pre-fill, warm-ups and measured ones) unless given."""
+    session the run creates (pre-fill, warm-ups and measured ones), and no session or room
+    expires during the run, unless given."""
     settings = dict(setting.split("=", 1) for setting in options.manager_settings)
     settings = {name.strip().lower(): value for name, value in settings.items()}
     needed = options.live + options.sessions + options.warmup * options.rounds + 1000
     settings.setdefault("max_live_sessions", str(max(10_000, needed)))
+    settings.setdefault("client_join_timeout", str(ROOM_EMPTY_TIMEOUT))
+    settings.setdefault("room_empty_timeout", str(ROOM_EMPTY_TIMEOUT))
     return settings
 
 
@@ -522,25 +530,59 @@ def machine_info(livekit_binary: str, load_before: float) -> dict[str, Any]:
     }
 
 
-async def gc_full_pauses(http: aiohttp.ClientSession, base_url: str) -> dict[str, float]:
-    """The manager's full-collection pauses so far, from its /metrics."""
+# (metric family, label filter, short name) read from the manager's /metrics around each batch
+PAUSE_FAMILIES: tuple[tuple[str, dict[str, str], str], ...] = (
+    ("session_manager_gc_pause_seconds", {"generation": "2"}, "gc"),
+    ("session_manager_event_loop_lag_seconds", {}, "lag"),
+    ("session_manager_store_write_seconds", {"outcome": "ok"}, "write"),
+    (
+        "session_manager_livekit_call_duration_seconds",
+        {"method": "CreateRoom", "outcome": "ok"},
+        "create_room",
+    ),
+    (
+        "session_manager_livekit_call_duration_seconds",
+        {"method": "ListRooms", "outcome": "ok"},
+        "list_rooms",
+    ),
+)
+
+
+async def manager_pauses(http: aiohttp.ClientSession, base_url: str) -> dict[str, float]:
+    """The manager's stall histograms so far, from its /metrics, flattened: `gc_count`,
+    `gc_sum`, `gc<=0.025` and so on for full collections, event-loop lag and store writes."""
     async with http.get(base_url + "/metrics") as response:
         text = await response.text()
-    totals = {"count": 0.0, "seconds": 0.0, "stalls": 0.0}
+    flat: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "session_manager_gc_pause_seconds":
-            continue
-        for sample in family.samples:
-            if sample.labels.get("generation") != "2":
+        for name, wanted, short in PAUSE_FAMILIES:
+            if family.name != name.removesuffix("_seconds") and family.name != name:
                 continue
-            if sample.name.endswith("_count"):
-                totals["count"] = sample.value
-            elif sample.name.endswith("_sum"):
-                totals["seconds"] = sample.value
-            elif sample.name.endswith("_bucket") and sample.labels.get("le") == str(GC_STALL):
-                totals["stalls"] = -sample.value  # under the bound; turned into "over" below
-    totals["stalls"] += totals["count"]
-    return totals
+            for sample in family.samples:
+                if any(sample.labels.get(k) != v for k, v in wanted.items()):
+                    continue
+                if sample.name.endswith("_count"):
+                    flat[f"{short}_count"] = sample.value
+                elif sample.name.endswith("_sum"):
+                    flat[f"{short}_sum"] = sample.value
+                elif sample.name.endswith("_bucket"):
+                    flat[f"{short}<={float(sample.labels['le']):g}"] = sample.value
+    return flat
+
+
+def pause_summary(delta: Mapping[str, float], short: str, over: float) -> dict[str, float]:
+    """One histogram's change over a batch: how many, their total ms, how many took longer
+    than `over` seconds, and the bucket bound the longest reached (ms; inf past the last)."""
+    count = delta.get(f"{short}_count", 0.0)
+    bounds = sorted(float(key.split("<=", 1)[1]) for key in delta if key.startswith(f"{short}<="))
+    under = delta.get(f"{short}<={over:g}", 0.0)
+    worst = next((b for b in bounds if delta[f"{short}<={b:g}"] >= count), math.inf)
+    return {
+        "count": count,
+        "ms": round(delta.get(f"{short}_sum", 0.0) * 1000, 1),
+        "over": count - under,
+        "worst_le_ms": round(worst * 1000, 1) if count else 0.0,
+    }
 
 
 async def measure(
@@ -550,7 +592,7 @@ async def measure(
     count: int,
     pids: Mapping[str, int],
     profiled_pid: int | None = None,
-    gc_reading: Callable[[], Awaitable[dict[str, float]]] | None = None,
+    pause_reading: Callable[[], Awaitable[dict[str, float]]] | None = None,
 ) -> Batch:
     """One warm-up (not counted) and one measured batch of a path, with fresh room names.
 
@@ -566,7 +608,7 @@ async def measure(
     if profiled_pid is not None:
         os.kill(profiled_pid, signal.SIGUSR1)
         await asyncio.sleep(0.2)
-    gc_before = await gc_reading() if gc_reading else {}
+    pauses_before = await pause_reading() if pause_reading else {}
     before = cpu_snapshot(pids)
     batch = await run_closed_loop(make(tag), count, options.concurrency)
     after = cpu_snapshot(pids)
@@ -575,9 +617,16 @@ async def measure(
     if profiled_pid is not None:
         os.kill(profiled_pid, signal.SIGUSR2)
     batch.cpu = {process: after[process] - before[process] for process in pids}
-    if gc_reading:
-        gc_after = await gc_reading()
-        batch.gc_full = {key: gc_after[key] - gc_before[key] for key in gc_after}
+    if pause_reading:
+        after_pauses = await pause_reading()
+        delta = {k: v - pauses_before.get(k, 0.0) for k, v in after_pauses.items()}
+        batch.pauses = {
+            "gc": pause_summary(delta, "gc", GC_STALL),
+            "lag": pause_summary(delta, "lag", LOOP_STALL),
+            "write": pause_summary(delta, "write", WRITE_STALL),
+            "create_room": pause_summary(delta, "create_room", LIVEKIT_STALL),
+            "list_rooms": pause_summary(delta, "list_rooms", LIVEKIT_STALL),
+        }
     return batch
 
 
@@ -659,7 +708,7 @@ async def benchmark(options: Options) -> dict[str, Any]:
                     profiling = name == "manager" and options.manager_profile is not None
                     profiled = manager_process.pid if profiling else None
                     reading = (
-                        (lambda: gc_full_pauses(http["manager"], manager_url))
+                        (lambda: manager_pauses(http["manager"], manager_url))
                         if name == "manager"
                         else None
                     )
@@ -695,6 +744,15 @@ async def benchmark(options: Options) -> dict[str, Any]:
         report["p99_ratio_manager_over_peer"] = round(ratio, 3)
         report["target"]["p99_ratio_over_peer_max"] = P99_RATIO_TARGET
         report["target"]["p99_ratio_over_peer_met"] = ratio <= P99_RATIO_TARGET
+        typical = {name: statistics.median(stats[name].round_p99_ms) for name in names}
+        report["median_round_p99_ms"] = typical
+        report["median_round_p99_ratio_manager_over_peer"] = round(
+            typical["manager"] / typical["peer"], 3
+        )
+    report["manager_rounds_livekit_stalled"] = [
+        paused["create_room"]["over"] >= len(batch.latencies) / 100
+        for paused, batch in zip(manager.round_pauses, batches["manager"], strict=False)
+    ]
     report["target"]["decay_min"] = DECAY_TARGET
     report["target"]["decay_met"] = report["decay"]["manager"] >= DECAY_TARGET
     return report
@@ -751,11 +809,18 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(
             f"  {row['path']:<8} {rounds}   (slowest/fastest rate {report['decay'][row['path']]})"
         )
-        for number, gc_round in enumerate(row["round_gc_full"]):
+        for number, paused in enumerate(row["round_pauses"]):
+            gc_, lag, write = paused["gc"], paused["lag"], paused["write"]
+            create_room, list_rooms = paused["create_room"], paused["list_rooms"]
             lines.append(
-                f"           round {number + 1}: {gc_round['count']:.0f} full GC collections, "
-                f"{gc_round['seconds']:.0f} ms in all, {gc_round['stalls']:.0f} over "
-                f"{GC_STALL * 1000:.0f} ms"
+                f"           round {number + 1}: full GC {gc_['count']:.0f} ({gc_['ms']:.0f} ms, "
+                f"{gc_['over']:.0f} over {GC_STALL * 1000:.0f}); loop late "
+                f"{lag['over']:.0f}x over {LOOP_STALL * 1000:.0f} ms (worst <= "
+                f"{lag['worst_le_ms']:g}); store writes {write['count']:.0f} "
+                f"({write['over']:.0f} over {WRITE_STALL * 1000:.0f} ms, worst <= "
+                f"{write['worst_le_ms']:g}); LiveKit CreateRoom {create_room['over']:.0f}x over "
+                f"{LIVEKIT_STALL * 1000:.0f} ms (worst <= {create_room['worst_le_ms']:g}); "
+                f"ListRooms {list_rooms['count']:.0f} (worst <= {list_rooms['worst_le_ms']:g})"
             )
     target = report["target"]
     manager = next(row for row in report["results"] if row["path"] == "manager")
@@ -775,6 +840,18 @@ def render_table(report: dict[str, Any]) -> str:
             f"manager p99 / peer p99   = {report['p99_ratio_manager_over_peer']:.2f}   "
             f"(target <= {target['p99_ratio_over_peer_max']}: "
             f"{_verdict(target['p99_ratio_over_peer_met'])})"
+        )
+    if "median_round_p99_ratio_manager_over_peer" in report:
+        lines.append(
+            "typical round (median of the rounds' p99): manager / peer = "
+            f"{report['median_round_p99_ratio_manager_over_peer']:.2f}"
+        )
+    stalled = report["manager_rounds_livekit_stalled"]
+    if any(stalled):
+        lines.append(
+            f"{sum(stalled)} of {len(stalled)} manager rounds had at least 1% of their "
+            f"CreateRoom calls to LiveKit over {LIVEKIT_STALL * 1000:.0f} ms: their p99 is "
+            "LiveKit's (rounds " + ", ".join(str(i + 1) for i, s in enumerate(stalled) if s) + ")"
         )
     if not target["no_errors"]:
         lines.append("some requests failed: see the err column")

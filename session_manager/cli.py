@@ -119,6 +119,10 @@ async def serve(app: web.Application, sock: socket.socket, settings: Settings) -
     # The process's full garbage collections: paced (gc_pacing.py), or CPython's own schedule
     # with what start-up allocated frozen.
     pacer = GcPacer() if settings.gc_pacing else None
+    # Only matters while another thread waits for the GIL (the SQLite disk thread, mostly):
+    # it is handed over after this long instead of CPython's 5 ms.
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(settings.switch_interval)
     if pacer is not None:
         pacer.start()
     else:
@@ -147,6 +151,7 @@ async def serve(app: web.Application, sock: socket.socket, settings: Settings) -
         if pacer is not None:
             await pacer.aclose()
         await runner.cleanup()
+        sys.setswitchinterval(switch_interval)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

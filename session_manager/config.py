@@ -200,6 +200,14 @@ class Settings(BaseModel):
         description="run Python's full garbage collections small and often (every 0.1 s, then "
         "freeze the survivors) instead of one pause that grows with the live sessions",
     )
+    switch_interval: float = Field(
+        0.001,
+        ge=0.0001,
+        le=0.1,
+        description="seconds a thread may keep Python's GIL while another waits for it "
+        "(sys.setswitchinterval; CPython's default is 0.005): the store's disk thread gets it back "
+        "this soon while the event loop is busy, so a create waiting on a write waits less",
+    )
     max_live_sessions: int = Field(
         10_000, ge=1, description="live sessions at most; past it a create gets 503 AtCapacity"
     )

@@ -30,6 +30,7 @@ from session_manager.livekit.gateway import LiveKitEndpoint, LiveKitGateway, mak
 from session_manager.livekit.server import ManagedLiveKitServer, find_binary, new_config
 from session_manager.livekit.watch import LiveKitWatch
 from session_manager.livekit.webhooks import WebhookVerifier
+from session_manager.loop_lag import LoopLagProbe
 from session_manager.metrics import Metrics
 from session_manager.redis_connection import RedisUrl
 from session_manager.registry import Registry
@@ -104,6 +105,9 @@ class Daemon:
         gc_pauses = GcPauseRecorder(self.metrics.observe_gc_pause)
         gc_pauses.open()
         self._stack.callback(gc_pauses.close)
+        loop_lag = LoopLagProbe(self.metrics.observe_loop_lag)
+        loop_lag.open()
+        self._stack.callback(loop_lag.close)
         try:
             for name, stage in (
                 ("store", self._open_store),
@@ -140,6 +144,7 @@ class Daemon:
             "on_fatal": lambda reason: fail(STORE, reason),
             "max_pending": settings.store_max_pending,
             "flush_timeout": settings.store_flush_timeout,
+            "on_write": self.metrics.observe_store_write,
         }
         if settings.store == "redis":
             # Not exported by session_manager.store, whose other users need no Redis client.
@@ -227,7 +232,11 @@ class Daemon:
 
     async def _connect_livekit(self) -> None:
         endpoint = await self._livekit_endpoint()
-        self.gateway = LiveKitGateway(endpoint, timeout=self.settings.livekit_timeout)
+        self.gateway = LiveKitGateway(
+            endpoint,
+            timeout=self.settings.livekit_timeout,
+            on_call=self.metrics.observe_livekit_call,
+        )
         await self.gateway.start()
         self._stage("livekit gateway", self.gateway.aclose)
         self.livekit_webhooks = WebhookVerifier(endpoint.api_key, endpoint.api_secret)

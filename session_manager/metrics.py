@@ -36,6 +36,14 @@ FAILOVER_CAUSES: Final = ("process lost", "health", "left room", "drain", "dispa
 # take tens of milliseconds (the stall a create-session's p99 would show).
 GC_PAUSE_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
+# Seconds a timer ran late on the event loop: under a millisecond when idle; every request in
+# flight waits out anything longer.
+LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# Seconds one batch of session views takes to be written (a commit on SQLite, a pipeline on
+# Redis): a create-session is answered only once its view is written.
+STORE_WRITE_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
 JOIN_OUTCOMES: Final = ("ok", "declined", "failed")
 
 
@@ -99,6 +107,26 @@ class Metrics:
             buckets=GC_PAUSE_BUCKETS,
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "session_manager_event_loop_lag_seconds",
+            "How late the event loop ran a timer due every 50 ms (every request waits it out).",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=self.registry,
+        )
+        self.store_write = Histogram(
+            "session_manager_store_write_seconds",
+            "Batches of session views written to the store, by outcome (ok, error).",
+            ["outcome"],
+            buckets=STORE_WRITE_BUCKETS,
+            registry=self.registry,
+        )
+        self.livekit_call = Histogram(
+            "session_manager_livekit_call_duration_seconds",
+            "Calls to LiveKit's server API, by method and outcome (ok, refused, error).",
+            ["method", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         # Whether a service id is still registered: set by the daemon once its registry exists.
         self.is_registered: Callable[[str], bool] = lambda service_id: True
         self._join_services: set[str] = set()
@@ -107,6 +135,16 @@ class Metrics:
         self.gc_pause.labels(str(generation) if generation in (0, 1, 2) else "other").observe(
             seconds
         )
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.loop_lag.observe(seconds)
+
+    def observe_store_write(self, ok: bool, seconds: float) -> None:
+        self.store_write.labels("ok" if ok else "error").observe(seconds)
+
+    def observe_livekit_call(self, method: str, outcome: str, seconds: float) -> None:
+        # Both labels are bounded: the gateway's own method names, and its three outcomes.
+        self.livekit_call.labels(method, outcome).observe(seconds)
 
     def observe_ready(self, seconds: float) -> None:
         self.session_ready.observe(max(seconds, 0.0))

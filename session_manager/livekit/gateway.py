@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -21,6 +21,8 @@ from session_manager.livekit.webhooks import RoomEvent, participant_present
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Told of each call to LiveKit's API: (method, outcome: ok, refused or error, seconds).
+CallObserver = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,16 @@ def make_endpoint(
 class LiveKitGateway:
     """The manager's only door to LiveKit's server API."""
 
-    def __init__(self, endpoint: LiveKitEndpoint, *, timeout: float) -> None:
+    def __init__(
+        self,
+        endpoint: LiveKitEndpoint,
+        *,
+        timeout: float,
+        on_call: CallObserver | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self._timeout = timeout
+        self._on_call = on_call
         self._tokens = TokenMinter(endpoint.api_key, endpoint.api_secret)
         self._http: aiohttp.ClientSession | None = None
         self._api: api.LiveKitAPI | None = None
@@ -261,6 +270,28 @@ class LiveKitGateway:
         )
 
     async def _call(self, method: str, call: Awaitable[T]) -> T:
+        """One call to LiveKit's API within the timeout, its errors as the manager's, timed for
+        `on_call` (a call its caller gave up on is not counted)."""
+        started = time.perf_counter()
+        outcome: str | None = "error"
+        try:
+            result = await self._call_unobserved(method, call)
+            outcome = "ok"
+            return result
+        except LiveKitRefused:
+            outcome = "refused"
+            raise
+        except asyncio.CancelledError:
+            outcome = None
+            raise
+        finally:
+            if outcome is not None and self._on_call is not None:
+                try:
+                    self._on_call(method, outcome, time.perf_counter() - started)
+                except Exception:
+                    pass  # a metric that cannot be recorded must not fail the call
+
+    async def _call_unobserved(self, method: str, call: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self._timeout):  # no extra task, unlike wait_for
                 return await call

@@ -20,6 +20,7 @@ class MemoryStore:
         on_fatal: Callable[[str], None] | None = None,
         max_pending: int = 50_000,
         flush_timeout: float = 10.0,
+        on_write: Callable[[bool, float], None] | None = None,
     ) -> None:
         self._services: dict[str, JsonDict] = {}
         self._sessions: dict[str, JsonDict] = {}

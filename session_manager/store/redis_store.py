@@ -47,7 +47,7 @@ from session_manager.errors import StartupFailed, StoreUnavailable
 from session_manager.health_board import HealthBoard
 from session_manager.redis_connection import RedisUrl
 from session_manager.store.base import JsonDict, SessionCursor, describe, matches
-from session_manager.store.write_behind import SessionWriteBehind
+from session_manager.store.write_behind import SessionWriteBehind, WriteObserver
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class RedisStore:
         attempts: int = 3,
         retry_backoff: float = 0.1,
         max_backoff: float = 5.0,
+        on_write: WriteObserver | None = None,
     ) -> None:
         self._url = RedisUrl(url)
         self._prefix = prefix
@@ -179,6 +180,7 @@ class RedisStore:
             max_backoff=max_backoff,
             describe=self._url.describe,
             traceback_of=_traceback_of,
+            on_write=on_write,
         )
 
     # lifecycle ---------------------------------------------------------------------------

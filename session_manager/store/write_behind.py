@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
@@ -35,6 +36,8 @@ WRITES_FAILING = "session views cannot be written"
 
 # Stores views; returns those it left out, as (session_id, why). Raising fails the whole batch.
 WriteBatch = Callable[[list[JsonDict]], Awaitable[list[tuple[str, str]]]]
+# Told how each batch went: (written, seconds it took).
+WriteObserver = Callable[[bool, float], None]
 # Up to a listing's `limit` stored views, newest first, leaving out the sessions given.
 ListStored = Callable[[frozenset[str]], Awaitable[list[JsonDict]]]
 
@@ -49,7 +52,8 @@ class SessionWriteBehind:
     tells what happens to the views. `describe(exc)` is an error on one line for those logs;
     `traceback_of(exc)` the exception whose traceback is logged once per failure streak (None:
     none). `board` (optional) hears when the store goes down and comes back; `on_fatal(reason)`
-    (optional) is called once if the writer dies."""
+    (optional) is called once if the writer dies; `on_write(ok, seconds)` (optional) hears how
+    long each batch took to write or fail."""
 
     def __init__(
         self,
@@ -65,6 +69,7 @@ class SessionWriteBehind:
         max_backoff: float = 5.0,
         describe: Callable[[BaseException], str] = describe,
         traceback_of: Callable[[Exception], Exception | None] = lambda exc: exc,
+        on_write: WriteObserver | None = None,
     ) -> None:
         self._write_batch = write_batch
         self._name = name
@@ -77,6 +82,7 @@ class SessionWriteBehind:
         self._max_backoff = max_backoff
         self._describe = describe
         self._traceback_of = traceback_of
+        self._on_write = on_write
         self._pending: dict[str, JsonDict] = {}
         self._writing: dict[str, JsonDict] = {}  # the batch on its way to the store, still readable
         self._wakeup = asyncio.Event()
@@ -247,9 +253,11 @@ class SessionWriteBehind:
             batch, self._pending = self._pending, {}
             if batch:
                 self._writing = batch
+                started = time.perf_counter()
                 try:
                     dropped = await self._write_batch(list(batch.values()))
                 except Exception as exc:
+                    self._observe_write(False, started)
                     # Newer views that arrived meanwhile win over the batch we failed to write.
                     self._pending = {**batch, **self._pending}
                     self._writing = {}
@@ -258,6 +266,7 @@ class SessionWriteBehind:
                     delay = min(delay * 2, self._max_backoff)
                     self._wakeup.set()
                     continue
+                self._observe_write(True, started)
                 self._writing = {}
                 delay = self._retry_backoff
                 for session_id, error in dropped:
@@ -274,6 +283,13 @@ class SessionWriteBehind:
             self._answer_flushes()
             self._check_backlog()
             self._report_health()
+
+    def _observe_write(self, ok: bool, started: float) -> None:
+        if self._on_write is not None:
+            try:
+                self._on_write(ok, time.perf_counter() - started)
+            except Exception:
+                pass  # a metric that cannot be recorded must not stop the writer
 
     def _write_failed(self, exc: Exception, count: int, retry_in: float) -> None:
         extra = {"count": count, "retry_in": retry_in, "error": self._describe(exc)}

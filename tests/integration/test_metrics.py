@@ -116,6 +116,12 @@ async def test_histograms_count_what_a_user_did(manager: Any) -> None:
     assert value(samples, "session_manager_store_backlog") is not None
     assert value(samples, "session_manager_component_up", component="supervisor") == 1
     assert value(samples, "session_manager_component_up", component="livekit") == 1
+    # What a tail is made of: the real LiveKit's CreateRoom for each of the three sessions,
+    # the store's batches, and the event loop's lateness, all timed.
+    livekit = "session_manager_livekit_call_duration_seconds_count"
+    assert value(samples, livekit, method="CreateRoom", outcome="ok") == 3
+    assert (value(samples, "session_manager_store_write_seconds_count", outcome="ok") or 0) >= 1
+    assert (value(samples, "session_manager_event_loop_lag_seconds_count") or 0) >= 1
 
 
 async def test_counters_are_exact_at_any_size(manager: Any) -> None:

@@ -170,4 +170,7 @@ def test_the_grafana_dashboard_graphs_only_metrics_the_manager_exposes() -> None
         "session_manager_http_request_duration_seconds",
         "session_manager_webhook_delivery_duration_seconds",
         "session_manager_failover_seconds",
+        "session_manager_event_loop_lag_seconds",
+        "session_manager_store_write_seconds",
+        "session_manager_livekit_call_duration_seconds",
     }
