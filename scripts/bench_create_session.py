@@ -555,6 +555,11 @@ async def manager_pauses(http: aiohttp.ClientSession, base_url: str) -> dict[str
         text = await response.text()
     flat: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
+        if family.name == "session_manager_livekit_call_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    method, outcome = sample.labels["method"], sample.labels["outcome"]
+                    flat[f"calls:{method} {outcome}"] = sample.value
         for name, wanted, short in PAUSE_FAMILIES:
             if family.name != name.removesuffix("_seconds") and family.name != name:
                 continue
@@ -626,6 +631,11 @@ async def measure(
             "write": pause_summary(delta, "write", WRITE_STALL),
             "create_room": pause_summary(delta, "create_room", LIVEKIT_STALL),
             "list_rooms": pause_summary(delta, "list_rooms", LIVEKIT_STALL),
+            "livekit_calls": {
+                key.removeprefix("calls:"): count
+                for key, count in sorted(delta.items())
+                if key.startswith("calls:") and count
+            },
         }
     return batch
 
@@ -820,7 +830,9 @@ def render_table(report: dict[str, Any]) -> str:
                 f"({write['over']:.0f} over {WRITE_STALL * 1000:.0f} ms, worst <= "
                 f"{write['worst_le_ms']:g}); LiveKit CreateRoom {create_room['over']:.0f}x over "
                 f"{LIVEKIT_STALL * 1000:.0f} ms (worst <= {create_room['worst_le_ms']:g}); "
-                f"ListRooms {list_rooms['count']:.0f} (worst <= {list_rooms['worst_le_ms']:g})"
+                f"ListRooms {list_rooms['count']:.0f} (worst <= {list_rooms['worst_le_ms']:g}); "
+                "LiveKit calls: "
+                + ", ".join(f"{call} {n:.0f}" for call, n in paused["livekit_calls"].items())
             )
     target = report["target"]
     manager = next(row for row in report["results"] if row["path"] == "manager")

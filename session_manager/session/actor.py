@@ -6,6 +6,10 @@ it changes its record through `_set_status`, and publishes the new view.
 It owns its dispatch tasks and its timers: all of them are cancelled, and the tasks awaited,
 before the actor ends. Whatever way it ends (done, crashed, cancelled) the session ends
 Terminated with a reason, and every caller still waiting gets an answer.
+
+What it decides with lives beside it: who a participant is (`roles`), a slot's failover
+timeline and next instance (`failover`), LiveKit Agents dispatch (`agent_dispatch`), its calls
+to services and the room (`calls`), and its timers (`timers`).
 """
 
 from __future__ import annotations
@@ -15,13 +19,10 @@ import logging
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
-from datetime import datetime, timedelta
 from typing import Any
 
-import orjson
-
 from session_manager.clock import utc_now
-from session_manager.dispatch import JoinRoomRequest, service_metadata
+from session_manager.dispatch import JoinRoomRequest
 from session_manager.errors import (
     Conflict,
     InvalidRequest,
@@ -34,23 +35,15 @@ from session_manager.errors import (
     Timeout,
 )
 from session_manager.events import EventType
-from session_manager.livekit.tokens import KIND_AGENT
-from session_manager.livekit.webhooks import (
-    ROLE_AGENT,
-    ROLE_ATTRIBUTE,
-    ROLE_CLIENT,
-    ROLE_SERVICE,
-    SESSION_ATTRIBUTE,
-    RoomEvent,
-)
+from session_manager.livekit.webhooks import ROLE_AGENT, ROLE_CLIENT, ROLE_SERVICE, RoomEvent
 from session_manager.logs import TRACE
 from session_manager.registry import ServiceRecord
+from session_manager.session import agent_dispatch, calls, failover, roles
+from session_manager.session.agent_dispatch import AgentDispatcher
 from session_manager.session.deps import (
     SessionDeps,
     duration_limit,
     mint_client_token,
-    room_metadata,
-    room_timeouts,
     token_ttl,
 )
 from session_manager.session.messages import (
@@ -76,13 +69,7 @@ from session_manager.session.messages import (
     WaitDeadlinePassed,
     settle,
 )
-from session_manager.session.record import (
-    AGENT_PREFIX,
-    Failover,
-    JsonDict,
-    ServiceSlot,
-    SessionRecord,
-)
+from session_manager.session.record import AGENT_PREFIX, JsonDict, ServiceSlot, SessionRecord
 from session_manager.session.states import (
     ENDING,
     TABLE,
@@ -92,26 +79,19 @@ from session_manager.session.states import (
     SessionStatus,
     check_transition,
 )
+from session_manager.session.timers import SessionTimers
 from session_manager.supervision import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 S = SessionStatus
 JOIN_TIMEOUT_MESSAGE = "Timeout waiting for microservices to join"
-# The timers a session's view stores the deadlines of (by these names), so that a restarted
-# manager adopting the session fires them when they were due. WaitDeadlinePassed is not among
-# them: it only matters to a creator still waiting on the process that ended.
-STORED_TIMERS: dict[type, str] = {
-    DurationLimitReached: "duration_limit",
-    JoinDeadlinePassed: "services_join",
-    ClientJoinDeadlinePassed: "client_join",
-    ClientGraceExpired: "client_reconnect",
-}
-TIMER_BY_NAME = {name: timer for timer, name in STORED_TIMERS.items()}
 SHUT_DOWN_BEFORE_ANSWER = "session manager shut down before the session was answered"
 
 
 class SessionActor:
+    """Owns one session's loop and record: the only code that changes that session."""
+
     def __init__(
         self, record: SessionRecord, deps: SessionDeps, publish: Callable[[JsonDict], None]
     ) -> None:
@@ -120,7 +100,8 @@ class SessionActor:
         self._publish_view = publish
         self._inbox: asyncio.Queue[SessionMessage] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._timers: dict[type, asyncio.TimerHandle] = {}
+        self._timers = SessionTimers(record, self.tell)
+        self._agents = AgentDispatcher(deps.gateway, record.session_id, record.room_name, self.tell)
         self._create_reply: asyncio.Future[SessionCreated] | None = None
         self._options = CreateOptions()
         self._client_token = ""
@@ -238,11 +219,7 @@ class SessionActor:
     def _join_timeout_reason(self) -> str:
         """The timeout's reason; when agents are missing, it names them: LiveKit accepts a
         dispatch with no worker of that name connected, so their absence is known only now."""
-        missing = [
-            slot.agent_name
-            for slot in self.record.services.values()
-            if slot.agent_name is not None and slot.state is not ServiceState.JOINED
-        ]
+        missing = agent_dispatch.missing_agents(self.record)
         if not missing:
             return JOIN_TIMEOUT_MESSAGE
         return f"{JOIN_TIMEOUT_MESSAGE}: no agent worker {', '.join(missing)} joined"
@@ -304,7 +281,7 @@ class SessionActor:
     async def _adopt(self, message: Adopt) -> None:
         """Take over a session a previous process left live: its timers fire when they were
         due, and what happened in its room meanwhile (joins, leaves) counts now."""
-        self._restore_timers()
+        self._timers.restore(self._deps.join_timeout)
         self._emit(
             EventType.SESSION_ADOPTED,
             status=self.record.status.value,
@@ -314,50 +291,34 @@ class SessionActor:
         if message.participants is not None:
             await self._catch_up(message.participants)
 
-    def _restore_timers(self) -> None:
-        record, now = self.record, utc_now()
-        deadlines = dict(record.deadlines)
-        limit = duration_limit(record.metadata)
-        if limit is not None and "duration_limit" not in deadlines:  # stored before deadlines
-            deadlines["duration_limit"] = record.created_at + timedelta(seconds=limit)
-        for name, due in deadlines.items():
-            timer = TIMER_BY_NAME.get(name)
-            if timer is not None:
-                self._start_timer(timer, max(0.0, (due - now).total_seconds()), due=due)
-        if record.status is S.WAITING_FOR_SERVICES and JoinDeadlinePassed not in self._timers:
-            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
-
     async def _catch_up(self, participants: tuple[RoomEvent, ...]) -> None:
         """Compare the room as LiveKit has it now with the record, as if the webhooks missed
         while no process owned the session had arrived."""
         record = self.record
-        present = {event.identity: event for event in participants if event.identity}
+        present = roles.by_identity(participants)
         user = present.get(record.user_identity)
-        client_here = user is not None and self._role_of(user) == ROLE_CLIENT
+        client_here = user is not None and roles.role_of(record, user) == ROLE_CLIENT
         if client_here and record.client_present:
             assert user is not None
             record.client_sid = user.participant_sid or None
-            self._cancel_timer(ClientJoinDeadlinePassed)
-            self._cancel_timer(ClientGraceExpired)
+            self._timers.cancel(ClientJoinDeadlinePassed)
+            self._timers.cancel(ClientGraceExpired)
         elif client_here:
             assert user is not None
             self._on_client(user, joined=True)
         elif record.client_present:
-            self._on_client(self._left(record.user_identity, ROLE_CLIENT), joined=False)
+            gone = roles.left(record.room_name, record.user_identity, ROLE_CLIENT)
+            self._on_client(gone, joined=False)
         for slot in list(record.services.values()):
-            if slot.agent_name is not None:  # its identity is LiveKit's choice: by its attributes
-                here = next((e for e in participants if self._agent_slot(e) is slot), None)
-            else:
-                here = present.get(slot.service_id)
-                if here is not None and self._role_of(here) != ROLE_SERVICE:
-                    here = None
+            here = roles.occupant(record, slot, participants, present)
             if here is not None:
                 if slot.state is ServiceState.JOINED:
                     slot.participant_sid = here.participant_sid or None
                 else:
                     await self._on_service(slot, here, joined=True)
             elif slot.state is ServiceState.JOINED:
-                await self._on_service(slot, self._left(slot.service_id, ROLE_SERVICE), False)
+                gone = roles.left(record.room_name, slot.service_id, ROLE_SERVICE)
+                await self._on_service(slot, gone, False)
             elif slot.agent_name is not None and slot.dispatch_id is not None:
                 pass  # LiveKit keeps the dispatch it accepted: its agent may still come
             else:
@@ -372,18 +333,12 @@ class SessionActor:
                 self._on_stranger(event, joined=True)
         self._advance()
 
-    def _left(self, identity: str, role: str) -> RoomEvent:
-        return RoomEvent(
-            kind="participant_left", room_name=self.record.room_name, identity=identity, role=role
-        )
-
     # creation ------------------------------------------------------------------------------
 
     async def _start(self, message: Start) -> None:
         self._create_reply = message.reply
         self._options = message.options
         record = self.record
-        metadata = room_metadata(self._deps.deployment, record)
         try:
             # Durable before its room exists: a crash at any instant leaves no room that no
             # stored session claims.
@@ -392,13 +347,7 @@ class SessionActor:
             await self._terminate(f"session could not be stored: {exc.message}", exc)
             return
         try:
-            empty_timeout, departure_timeout = room_timeouts(self._deps)
-            await self._deps.gateway.create_room(
-                record.room_name,
-                metadata=metadata,
-                empty_timeout=empty_timeout,
-                departure_timeout=departure_timeout,
-            )
+            await calls.create_room(self._deps, record)
         except ManagerError as exc:
             await self._terminate(f"LiveKit room could not be created: {exc.message}", exc)
             return
@@ -407,8 +356,8 @@ class SessionActor:
 
         limit = duration_limit(record.metadata)
         if limit is not None:
-            self._start_timer(DurationLimitReached, limit)
-        self._start_timer(ClientJoinDeadlinePassed, self._deps.client_join_timeout)
+            self._timers.start(DurationLimitReached, limit)
+        self._timers.start(ClientJoinDeadlinePassed, self._deps.client_join_timeout)
         self._client_token = mint_client_token(self._deps, record)
         if not record.services:
             self._set_status(S.READY)
@@ -418,10 +367,10 @@ class SessionActor:
         self._set_status(S.WAITING_FOR_SERVICES)
         join_deadline = self._deps.join_timeout
         if self._options.wait_until_ready and self._options.wait_timeout is not None:
-            self._start_timer(WaitDeadlinePassed, self._options.wait_timeout)
+            self._timers.start(WaitDeadlinePassed, self._options.wait_timeout)
             # A caller who asked to wait longer than join_timeout is given that long.
             join_deadline = max(join_deadline, self._options.wait_timeout)
-        self._start_timer(JoinDeadlinePassed, join_deadline)
+        self._timers.start(JoinDeadlinePassed, join_deadline)
         for slot in record.services.values():
             self._dispatch(slot)
 
@@ -432,25 +381,7 @@ class SessionActor:
         if slot.agent_name is not None:
             self._dispatch_agent(slot, slot.agent_name)
             return
-        record = self.record
-        # Recognised in webhooks by these attributes; shown as an agent to LiveKit's clients.
-        token = self._deps.gateway.mint_token(
-            identity=slot.service_id,
-            room_name=record.room_name,
-            ttl=self._token_ttl,
-            attributes={ROLE_ATTRIBUTE: ROLE_SERVICE, SESSION_ATTRIBUTE: record.session_id},
-            kind=KIND_AGENT,
-        )
-        request = JoinRoomRequest(
-            session_id=record.session_id,
-            room_name=record.room_name,
-            service_identity=slot.service_id,
-            access_token=token,
-            livekit_url=self._deps.gateway.endpoint.public_url,
-            session_metadata=service_metadata(record.metadata),
-            user_identity=record.user_identity,
-            user_name=record.user_name,
-        )
+        request = calls.join_request(self._deps.gateway, self.record, slot, self._token_ttl)
         slot.dispatched_at = utc_now()
         log.debug("dispatching service", extra=self._log_extra(service_id=slot.service_id))
         self._emit(
@@ -459,36 +390,14 @@ class SessionActor:
             requirement=slot.requirement,
             endpoint=slot.endpoint,
             redispatches=slot.redispatches,
-            **self._failover_under_way(slot),
+            **failover.under_way(slot),
         )
         task = self._spawn(self._join_room(slot.requirement, slot.endpoint, request))
         self._dispatching[slot.requirement] = (slot.service_id, task)
 
-    @staticmethod
-    def _failover_under_way(slot: ServiceSlot) -> dict[str, Any]:
-        """For a redispatch: why the slot moved, from where, and how long finding out took."""
-        failover = slot.failover
-        if failover is None or failover.replaced_at is not None:
-            return {}
-        return {
-            "cause": failover.cause,
-            "from_service_id": failover.from_service_id,
-            "detect_ms": failover.detect_ms,
-        }
-
     def _dispatch_agent(self, slot: ServiceSlot, agent_name: str) -> None:
-        """Ask LiveKit to dispatch a livekit-agents worker named `agent_name` to the room. Its
-        job's metadata is what a join-room carries about the session, as JSON."""
-        record = self.record
-        metadata = orjson.dumps(
-            {
-                "session_id": record.session_id,
-                "room_name": record.room_name,
-                "session_metadata": service_metadata(record.metadata),
-                "user_identity": record.user_identity,
-                "user_name": record.user_name,
-            }
-        ).decode()
+        """Ask LiveKit to dispatch a livekit-agents worker named `agent_name` to the room."""
+        metadata = agent_dispatch.job_metadata(self.record)
         slot.dispatched_at = utc_now()
         log.debug("dispatching agent", extra=self._log_extra(agent_name=agent_name))
         self._emit(
@@ -497,19 +406,10 @@ class SessionActor:
             requirement=slot.requirement,
             agent_name=agent_name,
             redispatches=slot.redispatches,
-            **self._failover_under_way(slot),
+            **failover.under_way(slot),
         )
-        task = self._spawn(self._create_dispatch(slot.requirement, agent_name, metadata))
+        task = self._spawn(self._agents.create(slot.requirement, agent_name, metadata))
         self._dispatching[slot.requirement] = (slot.service_id, task)
-
-    async def _create_dispatch(self, requirement: str, agent_name: str, metadata: str) -> None:
-        gateway = self._deps.gateway
-        try:
-            dispatch_id = await gateway.create_dispatch(self.record.room_name, agent_name, metadata)
-        except ManagerError as exc:
-            self.tell(AgentDispatchFinished(requirement, None, exc.message))
-        else:
-            self.tell(AgentDispatchFinished(requirement, dispatch_id))
 
     async def _on_agent_dispatch_finished(self, message: AgentDispatchFinished) -> None:
         requirement = message.requirement
@@ -517,24 +417,9 @@ class SessionActor:
         self._dispatching.pop(requirement, None)
         if slot is None or slot.agent_name is None:  # removed while LiveKit was asked
             if message.dispatch_id is not None:
-                self._spawn(self._delete_dispatch(message.dispatch_id))
+                self._spawn(self._agents.delete(message.dispatch_id))
             return
-        slot.attempts += 1
-        slot.answered_at = utc_now()
-        if message.dispatch_id is not None:
-            slot.dispatch_id = message.dispatch_id
-            if slot.state is ServiceState.PENDING:
-                slot.state = ServiceState.DISPATCHED
-            log.debug(
-                "agent dispatched",
-                extra=self._log_extra(requirement=requirement, dispatch_id=message.dispatch_id),
-            )
-        else:
-            slot.state, slot.error = ServiceState.FAILED, message.error
-            log.warning(
-                "agent dispatch failed",
-                extra=self._log_extra(requirement=requirement, error=message.error),
-            )
+        if not agent_dispatch.take_outcome(slot, message, self.session_id):
             self._emit(
                 EventType.MICROSERVICE_DISPATCH_FAILED,
                 service_id=slot.service_id,
@@ -545,15 +430,6 @@ class SessionActor:
             )
             await self._replace(slot, message.error or "dispatch failed")
         self._answer_once_dispatched()
-
-    async def _delete_dispatch(self, dispatch_id: str) -> None:
-        try:
-            await self._deps.gateway.delete_dispatch(dispatch_id, self.record.room_name)
-        except ManagerError as exc:
-            log.info(
-                "agent dispatch could not be deleted",
-                extra=self._log_extra(dispatch_id=dispatch_id, error=exc.message),
-            )
 
     def _stop_dispatch(self, requirement: str) -> None:
         """The slot's instance was replaced or removed: its join-room call still out is of no
@@ -575,24 +451,8 @@ class SessionActor:
         in_flight = self._dispatching.get(requirement)
         if in_flight is not None and in_flight[0] == service_id:
             del self._dispatching[requirement]
-        slot.attempts += outcome.attempts
-        slot.answered_at = utc_now()
-        if outcome.ok:
-            if slot.state is ServiceState.PENDING:
-                slot.state = ServiceState.DISPATCHED
-            log.debug(
-                "service dispatched",
-                extra=self._log_extra(service_id=slot.service_id, elapsed_ms=outcome.elapsed_ms),
-            )
-        else:
-            slot.state = ServiceState.FAILED
-            slot.error = outcome.error
-            log.warning(
-                "service dispatch failed",
-                extra=self._log_extra(
-                    service_id=slot.service_id, error=outcome.error, declined=outcome.declined
-                ),
-            )
+        calls.take_join_outcome(slot, outcome, self.session_id)
+        if not outcome.ok:
             self._emit(
                 EventType.MICROSERVICE_DISPATCH_FAILED,
                 service_id=slot.service_id,
@@ -601,8 +461,6 @@ class SessionActor:
                 declined=outcome.declined,
                 attempts=outcome.attempts,
             )
-            if outcome.declined:
-                slot.declined_by.append(slot.service_id)
             await self._replace(slot, outcome.error or "dispatch failed", declined=outcome.declined)
         self._answer_once_dispatched()
 
@@ -639,30 +497,18 @@ class SessionActor:
         again — the same instance once, then another of the same type — or end the session."""
         if self.record.status in (S.TERMINATING, S.TERMINATED):
             return
-        self._note_failover(slot, cause)
+        failover.note(slot, cause)
         if slot.agent_name is not None:
             await self._redispatch_agent(slot, reason)
             return
         failed = slot.service_id
-        registry = self._deps.registry
         in_use = {s.service_id for s in self.record.services.values() if s is not slot}
-        same = registry.find(failed)
-        if declined:
-            # A decline is an answer, not a fault: go straight to another instance, no back-off,
-            # and do not count it against max_redispatch.
-            chosen = registry.alternative(failed, exclude=self._excluded(slot, in_use))
-        elif slot.redispatches >= self._deps.max_redispatch:
-            chosen = None
+        exclude = failover.excluded(slot, in_use, self.record.user_identity)
+        chosen: ServiceRecord | None = None
+        if not declined and slot.redispatches >= self._deps.max_redispatch:
             reason = f"{reason} (gave up after {slot.redispatches} redispatches)"
         else:
-            # The same instance keeps the capacity this session already holds on it.
-            if not slot.retried_in_place and same is not None and same.accepting:
-                chosen, slot.retried_in_place = same, True
-            else:
-                chosen = registry.alternative(failed, exclude=self._excluded(slot, in_use))
-                slot.retried_in_place = False
-            if chosen is not None:
-                slot.redispatches += 1
+            chosen = failover.replacement(slot, self._deps.registry, exclude, declined=declined)
         if chosen is None:
             message = f"microservice {slot.requirement} could not join: {reason}"
             # Every instance saying no is a capacity problem, not a broken service.
@@ -687,7 +533,7 @@ class SessionActor:
             return
         slot.redispatches += 1
         if slot.dispatch_id is not None:  # its job is over: the old dispatch goes too
-            self._spawn(self._delete_dispatch(slot.dispatch_id))
+            self._spawn(self._agents.delete(slot.dispatch_id))
         log.info("redispatching agent", extra=self._log_extra(requirement=slot.requirement))
         self._stop_dispatch(slot.requirement)
         slot.assign(slot.service_id, "", None)
@@ -709,7 +555,7 @@ class SessionActor:
         if self.record.status in (S.READY, S.ACTIVE):
             self._set_status(S.WAITING_FOR_SERVICES)
         if JoinDeadlinePassed not in self._timers:
-            self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+            self._timers.start(JoinDeadlinePassed, self._deps.join_timeout)
         self._dispatch(slot)
 
     def _add_service(self, requirement: str) -> None:
@@ -746,19 +592,7 @@ class SessionActor:
         self._answer_once_dispatched()
 
     async def _leave_room(self, slot: ServiceSlot) -> None:
-        """Send the slot's occupant away: leave-room to a service; an agent's dispatch is
-        deleted (LiveKit ends its job and the agent leaves)."""
-        if slot.agent_name is not None:
-            if slot.dispatch_id is not None:
-                await self._delete_dispatch(slot.dispatch_id)
-            return
-        error = await self._deps.microservices.leave_room(
-            slot.endpoint, self.session_id, self.record.room_name, service_id=slot.service_id
-        )
-        if error is not None:
-            log.info(
-                "leave-room failed", extra=self._log_extra(service_id=slot.service_id, error=error)
-            )
+        await calls.leave_room(self._deps, self._agents, self.record, slot)
 
     # LiveKit -------------------------------------------------------------------------------
 
@@ -773,17 +607,13 @@ class SessionActor:
         if event.identity is None or event.kind not in ("participant_joined", "participant_left"):
             return
         joined = event.kind == "participant_joined"
-        role = self._role_of(event)
+        role = roles.role_of(self.record, event)
         if role == ROLE_CLIENT:
             if not self._on_client(event, joined):
                 return
         elif role in (ROLE_SERVICE, ROLE_AGENT):
-            slot = (
-                self.record.slot_of(event.identity)
-                if role == ROLE_SERVICE
-                else self._agent_slot(event)
-            )
-            assert slot is not None  # _role_of checked it
+            slot = roles.slot_of(self.record, role, event)
+            assert slot is not None  # role_of checked it
             if not await self._on_service(slot, event, joined):
                 return
         else:
@@ -795,22 +625,12 @@ class SessionActor:
         )
         self._advance()
 
-    @staticmethod
-    def _same_connection(current_sid: str | None, event: RoomEvent) -> bool:
-        return bool(current_sid and event.participant_sid == current_sid)
-
-    @staticmethod
-    def _is_stale_leave(current_sid: str | None, event: RoomEvent) -> bool:
-        """A participant_left for an earlier connection of this identity (it has reconnected
-        since, under a new participant sid): it says nothing about the one in the room now."""
-        return bool(current_sid and event.participant_sid and event.participant_sid != current_sid)
-
     def _on_client(self, event: RoomEvent, joined: bool) -> bool:
         """Returns whether the event changed anything."""
         record = self.record
-        if joined and record.client_present and self._same_connection(record.client_sid, event):
+        if joined and record.client_present and roles.same_connection(record.client_sid, event):
             return False  # already known (seen when the session was adopted, say)
-        if not joined and self._is_stale_leave(record.client_sid, event):
+        if not joined and roles.is_stale_leave(record.client_sid, event):
             log.debug("stale participant_left ignored", extra=self._log_extra(role=ROLE_CLIENT))
             return False
         self._emit(
@@ -821,17 +641,17 @@ class SessionActor:
         if joined:
             record.client_sid = event.participant_sid or None
             record.client_joined_at = record.client_joined_at or utc_now()
-            self._cancel_timer(ClientJoinDeadlinePassed)
-            self._cancel_timer(ClientGraceExpired)
+            self._timers.cancel(ClientJoinDeadlinePassed)
+            self._timers.cancel(ClientGraceExpired)
         else:
             record.client_left_at = utc_now()
-            self._start_timer(ClientGraceExpired, self._deps.client_reconnect_grace)
+            self._timers.start(ClientGraceExpired, self._deps.client_reconnect_grace)
         return True
 
     async def _on_service(self, slot: ServiceSlot, event: RoomEvent, joined: bool) -> bool:
         """Returns whether the event changed anything."""
         if joined and slot.state is ServiceState.JOINED:
-            if self._same_connection(slot.participant_sid, event):
+            if roles.same_connection(slot.participant_sid, event):
                 return False  # already known (seen when the session was adopted, say)
         if joined:
             slot.state, slot.joined_at, slot.error = ServiceState.JOINED, utc_now(), None
@@ -842,12 +662,12 @@ class SessionActor:
                 service_id=slot.service_id,
                 requirement=slot.requirement,
                 join_ms=slot.join_ms,
-                **self._failover_over(slot),
+                **failover.over(slot, self.session_id, self._deps.on_failover),
             )
             return True
         # Only the connection that joined can leave: a leave while the slot waits for its
         # (re)dispatched instance to join is about an earlier connection, reported late.
-        if slot.state is not ServiceState.JOINED or self._is_stale_leave(
+        if slot.state is not ServiceState.JOINED or roles.is_stale_leave(
             slot.participant_sid, event
         ):
             log.debug(
@@ -869,12 +689,8 @@ class SessionActor:
         """A participant that fills no slot. One holding a service token of this session is
         an instance that was replaced or removed and joined anyway: it is removed from the
         room, so two instances never serve one slot."""
-        if (
-            joined
-            and event.identity is not None
-            and event.role == ROLE_SERVICE
-            and event.attributes.get(SESSION_ATTRIBUTE) == self.session_id
-        ):
+        stray = joined and roles.is_stray_instance(self.session_id, event)
+        if stray and event.identity is not None:
             log.info(
                 "removing a service instance that no longer serves this session",
                 extra=self._log_extra(identity=event.identity),
@@ -887,13 +703,7 @@ class SessionActor:
         )
 
     async def _remove_participant(self, identity: str) -> None:
-        try:
-            await self._deps.gateway.remove_participant(self.record.room_name, identity)
-        except ManagerError as exc:
-            log.info(
-                "participant could not be removed",
-                extra=self._log_extra(identity=identity, error=exc.message),
-            )
+        await calls.remove_participant(self._deps.gateway, self.record, identity)
 
     async def _on_instance_lost(self, message: InstanceLost) -> None:
         """An instance turned Unhealthy (its process was lost, or its checks failed): move its
@@ -906,7 +716,8 @@ class SessionActor:
         if slot is None:
             return
         in_use = {s.service_id for s in self.record.services.values()}
-        chosen = self._deps.registry.alternative(service_id, exclude=self._excluded(slot, in_use))
+        exclude = failover.excluded(slot, in_use, self.record.user_identity)
+        chosen = self._deps.registry.alternative(service_id, exclude=exclude)
         if chosen is None or slot.redispatches >= self._deps.max_redispatch:
             return
         log.info(
@@ -920,87 +731,10 @@ class SessionActor:
         # Its participant's later participant_left names an identity no slot holds any more
         # (or an earlier connection of one): it is ignored, never taken for the replacement.
         self._spawn(self._remove_participant(service_id))
-        self._note_failover(
-            slot, message.cause, detected_at=message.detected_at, gone_at=message.gone_at
-        )
+        failover.note(slot, message.cause, detected_at=message.detected_at, gone_at=message.gone_at)
         slot.redispatches += 1
         slot.retried_in_place = False
         self._fill(slot, chosen)
-
-    def _note_failover(
-        self,
-        slot: ServiceSlot,
-        cause: FailoverCause,
-        *,
-        detected_at: datetime | None = None,
-        gone_at: datetime | None = None,
-    ) -> None:
-        """Remember why and when the slot lost its instance. A slot still being refilled
-        after an earlier loss keeps that one: its failover lasts until someone joins."""
-        if slot.failover is not None and slot.failover.replaced_at is None:
-            return
-        slot.failover = Failover(
-            cause.value, slot.service_id, detected_at=detected_at or utc_now(), gone_at=gone_at
-        )
-
-    def _failover_over(self, slot: ServiceSlot) -> dict[str, Any]:
-        """The slot's new occupant joined: its failover is over. Its timings (for the join
-        event) and the histogram's observation; nothing when no failover was under way."""
-        failover = slot.failover
-        if failover is None or failover.replaced_at is not None:
-            return {}
-        failover.replaced_at = slot.joined_at or utc_now()
-        seconds = failover.failover_ms
-        if seconds is not None:
-            self._deps.on_failover(failover.cause, seconds / 1000)
-        log.info(
-            "service slot filled again",
-            extra=self._log_extra(
-                service_id=slot.service_id,
-                cause=failover.cause,
-                failover_ms=failover.failover_ms,
-            ),
-        )
-        return {
-            "cause": failover.cause,
-            "from_service_id": failover.from_service_id,
-            "detect_ms": failover.detect_ms,
-            "replace_ms": failover.replace_ms,
-            "failover_ms": failover.failover_ms,
-        }
-
-    def _excluded(self, slot: ServiceSlot, in_use: set[str]) -> set[str]:
-        """Instances a slot must not move to: those in use, those that declined it, and one
-        whose id is the user's identity (in LiveKit, one identity joining kicks the other)."""
-        return {*in_use, *slot.declined_by, self.record.user_identity}
-
-    def _role_of(self, event: RoomEvent) -> str | None:
-        """Who a participant is, from the attributes we put in the token we minted for it."""
-        identity = event.identity
-        if event.attributes.get(SESSION_ATTRIBUTE) not in (None, self.session_id):
-            return None
-        slot = self.record.slot_of(identity) if identity is not None else None
-        if event.role == ROLE_SERVICE and slot is not None and slot.agent_name is None:
-            return ROLE_SERVICE
-        if event.role == ROLE_CLIENT and identity == self.record.user_identity:
-            return ROLE_CLIENT
-        if self._agent_slot(event) is not None:
-            return ROLE_AGENT
-        return None
-
-    def _agent_slot(self, event: RoomEvent) -> ServiceSlot | None:
-        """The `agent:NAME` slot a livekit-agents participant fills: LiveKit's kind AGENT,
-        none of our attributes, and the agent name the job's attributes carry (one slot per
-        name in a session). A leave that lacks them is matched by its connection."""
-        name = event.agent_name
-        if name is not None:
-            slot = self.record.services.get(AGENT_PREFIX + name)
-            return slot if slot is not None and slot.agent_name == name else None
-        if event.kind == "participant_left" and event.participant_sid:
-            for slot in self.record.services.values():
-                if slot.agent_name is not None and slot.participant_sid == event.participant_sid:
-                    return slot
-        return None
 
     def _advance(self) -> None:
         """Move forward as far as the facts allow: Ready when every service is in, then Active
@@ -1022,35 +756,10 @@ class SessionActor:
         self._set_status(S.TERMINATING)
         self._publish()
         await self._stop_children()
-        await self._send_services_away()
-        try:
-            await asyncio.wait_for(
-                self._deps.gateway.delete_room(self.record.room_name), self._deps.teardown_timeout
-            )
-        except (ManagerError, TimeoutError) as exc:
-            log.warning(
-                "room could not be deleted", extra=self._log_extra(error=str(exc) or "timeout")
-            )
+        await calls.clear_room(self._deps, self._agents, self.record)
         self._set_status(S.TERMINATED)
         settle(self._create_reply, error=error or SessionGone(f"session ended: {reason}"))
         self._create_reply = None
-
-    async def _send_services_away(self) -> None:
-        """leave-room to every service that may be in the room; best effort, bounded."""
-        present = [
-            slot
-            for slot in self.record.services.values()
-            if slot.state in (ServiceState.DISPATCHED, ServiceState.JOINED)
-        ]
-        if not present:
-            return
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(self._leave_room(slot) for slot in present)),
-                self._deps.teardown_timeout,
-            )
-        except TimeoutError:
-            log.info("leave-room calls timed out", extra=self._log_extra())
 
     async def _close_after(self, reason: str, error: ManagerError) -> None:
         """Bring a session that lost its actor to Terminated; best effort, never raises."""
@@ -1089,8 +798,8 @@ class SessionActor:
             if self.record.ready_at is None:
                 self._deps.on_ready((now - self.record.created_at).total_seconds())
             self.record.ready_at = self.record.ready_at or now
-            self._cancel_timer(JoinDeadlinePassed)
-            self._cancel_timer(WaitDeadlinePassed)
+            self._timers.cancel(JoinDeadlinePassed)
+            self._timers.cancel(WaitDeadlinePassed)
         elif new is S.ACTIVE:
             self.record.active_at = self.record.active_at or now
         elif new is S.TERMINATED:
@@ -1128,29 +837,8 @@ class SessionActor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _start_timer(self, message_type: type, delay: float, due: datetime | None = None) -> None:
-        self._cancel_timer(message_type)
-        loop = asyncio.get_running_loop()
-        self._timers[message_type] = loop.call_later(delay, self._timer_fired, message_type)
-        name = STORED_TIMERS.get(message_type)
-        if name is not None:
-            self.record.deadlines[name] = due or utc_now() + timedelta(seconds=delay)
-
-    def _timer_fired(self, message_type: type) -> None:
-        self._timers.pop(message_type, None)
-        self.record.deadlines.pop(STORED_TIMERS.get(message_type, ""), None)
-        self.tell(message_type())
-
-    def _cancel_timer(self, message_type: type) -> None:
-        handle = self._timers.pop(message_type, None)
-        if handle is not None:
-            handle.cancel()
-        self.record.deadlines.pop(STORED_TIMERS.get(message_type, ""), None)
-
     async def _stop_children(self) -> None:
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._timers.cancel_all()
         self._dispatching.clear()
         await cancel_and_wait(list(self._tasks), self._deps.teardown_timeout)
 

@@ -105,7 +105,7 @@ class PoolMemberActor(SessionActor):
         if self.record.status is not S.CREATING:  # ended while we waited on LiveKit
             return
         self._set_status(S.WAITING_FOR_SERVICES)
-        self._start_timer(JoinDeadlinePassed, self._deps.join_timeout)
+        self._timers.start(JoinDeadlinePassed, self._deps.join_timeout)
         for slot in record.services.values():
             self._dispatch(slot)
 
@@ -158,8 +158,8 @@ class PoolMemberActor(SessionActor):
         self._token_ttl = token_ttl(self._deps, record.metadata)
         limit = duration_limit(record.metadata)
         if limit is not None:
-            self._start_timer(DurationLimitReached, limit)
-        self._start_timer(ClientJoinDeadlinePassed, self._deps.client_join_timeout)
+            self._timers.start(DurationLimitReached, limit)
+        self._timers.start(ClientJoinDeadlinePassed, self._deps.client_join_timeout)
         self._client_token = mint_client_token(self._deps, record)
         self._emit(
             EventType.SESSION_CREATED,

@@ -23,7 +23,7 @@ async def test_the_idempotency_record_keeps_no_client_token(harness: Harness) ->
     assert created.access_token not in repr(stored)
 
     # A replay once the record is stored: the same session, a token minted for it again.
-    while harness.supervisor._pending_creates:  # noqa: ASYNC110 (the record is written)
+    while harness.supervisor._idempotent.pending:  # noqa: ASYNC110 (the record is written)
         await asyncio.sleep(0.005)
     replay = await harness.create(idempotency_key="k1", body_hash="h1", required_services=[])
     assert (replay.session_id, replay.room_name) == (created.session_id, created.room_name)

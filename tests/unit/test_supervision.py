@@ -154,6 +154,29 @@ async def test_an_unwritable_registration_is_undone_and_answered_503(
 
 
 def test_supervisor_module_keeps_its_loop_free_of_awaits() -> None:
-    """The loop's handlers are plain functions: nothing in them can wait on I/O."""
-    for name in ("_handle", "_handle_registry", "_create_session", "_route", "_reap"):
+    """The loop's handlers are plain functions: nothing in them can wait on I/O, nor in what
+    they call on the supervisor's collaborators."""
+    from session_manager.supervisor.children import Children
+    from session_manager.supervisor.idempotency import IdempotentCreates
+    from session_manager.supervisor.pool_tending import PoolTender
+    from session_manager.supervisor.registry_writer import RegistryWriter
+    from session_manager.supervisor.rooms import LiveKitRooms
+    from session_manager.supervisor.routing import SessionRouting
+    from session_manager.supervisor.spawning import Spawner
+
+    for name in ("_handle", "_create_session", "_spawn_session", "_reap"):
         assert not inspect.iscoroutinefunction(getattr(Supervisor, name)), name
+    assert not inspect.iscoroutinefunction(LiveKitRooms._route)
+    collaborators = (
+        Children,
+        Spawner,
+        IdempotentCreates,
+        PoolTender,
+        RegistryWriter,
+        LiveKitRooms,
+        SessionRouting,
+    )
+    for collaborator in collaborators:
+        for name, method in inspect.getmembers(collaborator, inspect.isfunction):
+            if not name.startswith("_"):
+                assert not inspect.iscoroutinefunction(method), f"{collaborator.__name__}.{name}"
