@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from session_manager.observers import report
+
 PauseObserver = Callable[[int, float], None]  # (generation, seconds)
 
 
@@ -50,7 +52,4 @@ class GcPauseRecorder:
         started, self._started = self._started, None
         if started is None:
             return
-        try:
-            self._observe(int(info.get("generation", 0)), time.perf_counter() - started)
-        except Exception:
-            pass
+        report(self._observe, int(info.get("generation", 0)), time.perf_counter() - started)

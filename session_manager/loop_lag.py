@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from session_manager.observers import report
+
 LagObserver = Callable[[float], None]  # seconds late
 
 
@@ -48,8 +50,5 @@ class LoopLagProbe:
         if self._loop is None:
             return
         late = self._loop.time() - self._due
-        try:
-            self._observe(max(late, 0.0))
-        except Exception:
-            pass  # a metric that cannot be recorded must not stop the probe
+        report(self._observe, max(late, 0.0))
         self._schedule()

@@ -17,6 +17,7 @@ from livekit import api
 from session_manager.errors import LiveKitRefused, LiveKitUnavailable
 from session_manager.livekit.tokens import SERVER_TOKEN_REFRESH, TokenMinter
 from session_manager.livekit.webhooks import RoomEvent, participant_present
+from session_manager.observers import report
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +286,8 @@ class LiveKitGateway:
             outcome = None
             raise
         finally:
-            if outcome is not None and self._on_call is not None:
-                try:
-                    self._on_call(method, outcome, time.perf_counter() - started)
-                except Exception:
-                    pass  # a metric that cannot be recorded must not fail the call
+            if outcome is not None:
+                report(self._on_call, method, outcome, time.perf_counter() - started)
 
     async def _call_unobserved(self, method: str, call: Awaitable[T]) -> T:
         try:

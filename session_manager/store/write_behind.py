@@ -26,6 +26,7 @@ from contextlib import suppress
 
 from session_manager.errors import StoreUnavailable
 from session_manager.health_board import STORE, HealthBoard
+from session_manager.observers import report
 from session_manager.store.base import JsonDict, SessionCursor, describe, listed_before, matches
 from session_manager.supervision import cancel_and_wait, watch
 
@@ -285,11 +286,7 @@ class SessionWriteBehind:
             self._report_health()
 
     def _observe_write(self, ok: bool, started: float) -> None:
-        if self._on_write is not None:
-            try:
-                self._on_write(ok, time.perf_counter() - started)
-            except Exception:
-                pass  # a metric that cannot be recorded must not stop the writer
+        report(self._on_write, ok, time.perf_counter() - started)
 
     def _write_failed(self, exc: Exception, count: int, retry_in: float) -> None:
         extra = {"count": count, "retry_in": retry_in, "error": self._describe(exc)}
