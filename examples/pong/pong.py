@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 import time
+from array import array
 from collections.abc import Sequence
 
 from livekit import rtc
@@ -34,13 +36,51 @@ PING = b"ping"
 PONG = b"pong"
 
 
+# A steady sine tone published as the service's microphone (--tone): what the console's Try
+# page plays, so its test can hear that a service's audio reaches the browser.
+SAMPLE_RATE = 48_000
+FRAME_SAMPLES = SAMPLE_RATE // 100  # 10 ms frames, what WebRTC's audio pipeline works in
+AMPLITUDE = 0.3 * 32767  # well above silence, well below clipping
+
+
+def tone_frame(hz: int, first_sample: int) -> rtc.AudioFrame:
+    """10 ms of a `hz` sine wave, mono 16-bit, continuing from sample `first_sample`."""
+    step = 2 * math.pi * hz / SAMPLE_RATE
+    samples = array(
+        "h", (int(AMPLITUDE * math.sin(step * (first_sample + i))) for i in range(FRAME_SAMPLES))
+    )
+    return rtc.AudioFrame(samples.tobytes(), SAMPLE_RATE, 1, FRAME_SAMPLES)
+
+
+async def play_tone(room: rtc.Room, hz: int) -> None:
+    """Publish a microphone track to `room` and keep it sounding `hz` until cancelled.
+    `capture_frame` waits while the source's buffer is full, which paces the loop in real time."""
+    source = rtc.AudioSource(SAMPLE_RATE, 1)
+    track = rtc.LocalAudioTrack.create_audio_track("tone", source)
+    options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+    await room.local_participant.publish_track(track, options)
+    sample = 0
+    try:
+        while True:
+            await source.capture_frame(tone_frame(hz, sample))
+            # A second of an integer hz is whole cycles: wrap there, and never jump.
+            sample = (sample + FRAME_SAMPLES) % SAMPLE_RATE
+    finally:
+        await source.aclose()
+
+
 class PongHandler(SessionHandler):
+    def __init__(self, tone_hz: int | None = None) -> None:
+        self.tone_hz = tone_hz
+
     async def on_join(self, session: JoinedSession) -> None:
         # LiveKit calls event callbacks synchronously and refuses coroutine callbacks, so the
         # callback only queues the packet; this task (owned and cancelled by the SDK) answers.
         packets: asyncio.Queue[rtc.DataPacket] = asyncio.Queue()
         enqueue = packets.put_nowait
         session.room.on("data_received", enqueue)
+        # The tone, when asked for, is this session's own task: cancelled and awaited with it.
+        tone = asyncio.create_task(play_tone(session.room, self.tone_hz)) if self.tone_hz else None
         logger.info("pong ready", extra={"session_id": session.session_id})
         try:
             while True:
@@ -48,6 +88,9 @@ class PongHandler(SessionHandler):
                 await self.answer(session.room, packet)
         finally:
             session.room.off("data_received", enqueue)
+            if tone is not None:
+                tone.cancel()
+                await asyncio.gather(tone, return_exceptions=True)
 
     async def answer(self, room: rtc.Room, packet: rtc.DataPacket) -> bool:
         """Reply b"pong" to the sender of a b"ping" packet; True when a reply was sent."""
@@ -110,11 +153,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="for tests: how long each stall of --stall-every lasts (default 1.5)",
     )
+    parser.add_argument(
+        "--tone",
+        type=tone_hz,
+        metavar="HZ",
+        help="publish a microphone track sounding a sine of HZ (20 to 20000) in every session",
+    )
     args = parser.parse_args(argv)
     # The manager's API key (scope `service`) comes from the environment, not argv, where
     # every user of the machine could read it.
     args.api_key = os.environ.get(API_KEY_ENV) or None
     return args
+
+
+def tone_hz(text: str) -> int:
+    hz = int(text)
+    if not 20 <= hz <= 20_000:
+        raise argparse.ArgumentTypeError("a tone is 20 to 20000 Hz")
+    return hz
 
 
 def metadata(args: argparse.Namespace) -> dict[str, object]:
@@ -149,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     runner = MicroserviceRunner(
         args.service_id,
-        PongHandler(),
+        PongHandler(args.tone),
         metadata=metadata(args),
         api_key=args.api_key,
         **runner_options(args),

@@ -169,15 +169,16 @@ async def start_pong(
     children: Children,
     api: Api,
     service_id: str,
-    *,
+    *extra: str,
     name: str | None = None,
     port: int | None = None,
 ) -> Pong:
     """A pong process registering itself as `service_id` with the manager behind `api`, on
-    `port` (default: a free one); returns once the manager lists it Healthy. `name` (default:
-    the service id) names its log file, for a service id started more than once."""
+    `port` (default: a free one), with pong's `extra` flags; returns once the manager lists it
+    Healthy. `name` (default: the service id) names its log file, for a service id started more
+    than once."""
     port = port or free_port()
-    command = pong_command(service_id, port, api.base_url)
+    command = pong_command(service_id, port, api.base_url) + list(extra)
     child = await children.start(name or service_id, command, REPO_ROOT)
     pong = Pong(service_id, f"http://127.0.0.1:{port}", child)
 
@@ -206,9 +207,9 @@ class Stack:
     pongs: dict[str, Pong]
 
     async def start_pong(
-        self, service_id: str, *, name: str | None = None, port: int | None = None
+        self, service_id: str, *extra: str, name: str | None = None, port: int | None = None
     ) -> Pong:
-        pong = await start_pong(self.children, self.api, service_id, name=name, port=port)
+        pong = await start_pong(self.children, self.api, service_id, *extra, name=name, port=port)
         self.pongs[service_id] = pong
         return pong
 

@@ -4,9 +4,11 @@ harness's), inside the private network namespace of scripts/test.sh (WebRTC need
 
 What a person sees: a session created through the API appears on the sessions page, its service
 joins live, and its timeline is there after it ends; the Try page creates a session with the
-SDK pong service, joins its room and gets "pong"; the Services page's Drain button drains
-(checked through the API), by keyboard; the events page pauses while scrolled; with API keys the
-console asks for one. Each page's screenshot is kept in tests/artifacts/console/.
+SDK pong service, joins its room and gets "pong", and plays a service's audio (the tone it
+hears is the one the service sounds); a session's own page ends it; the Services page's Drain
+button drains (checked through the API), by keyboard; the events page pauses while scrolled;
+with API keys the console asks for one. Each page's screenshot is kept in
+tests/artifacts/console/.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ CHROMIUM_FLAGS = [
 ]
 PONG = "pong-service-1"  # what the Try page picks by default
 DRAINED = "pong-drain-1"  # only the drain test touches it
+TONE = "pong-tone-1"  # a pong that also sounds a tone in its rooms; only the audio test uses it
+TONE_HZ = 440
 LISTED_WITHIN = 3.0  # s: the issue asks for a second; the bound is generous, the time printed
 UI_TIMEOUT_MS = 15_000
 EXPECTED_ERROR = re.compile(
@@ -229,6 +233,89 @@ async def test_try_page_creates_a_session_with_pong_joins_pings_and_shows_pong(
 
     await page.click("#try-end")
     await stack.api.wait_for_status(session_id, "Terminated", 10)
+
+
+# What the page's audio element plays, taken apart by the browser's own Web Audio: is it
+# playing, how loud, and at which frequency its spectrum peaks.
+LISTEN_TO_AUDIO = """async (identity) => {
+  const element = document.querySelector(`audio[data-participant="${identity}"]`);
+  const context = new AudioContext();
+  await context.resume();
+  const analyser = context.createAnalyser();
+  analyser.fftSize = 8192;
+  context.createMediaStreamSource(element.srcObject).connect(analyser);
+  const startedAt = element.currentTime;
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  const bins = new Float32Array(analyser.frequencyBinCount);
+  analyser.getFloatFrequencyData(bins);
+  let peak = 1;
+  for (let i = 1; i < bins.length; i++) if (bins[i] > bins[peak]) peak = i;
+  const wave = new Float32Array(analyser.fftSize);
+  analyser.getFloatTimeDomainData(wave);
+  const rms = Math.sqrt(wave.reduce((sum, value) => sum + value * value, 0) / wave.length);
+  const heard = {
+    paused: element.paused,
+    played: element.currentTime - startedAt,
+    peakHz: (peak * context.sampleRate) / analyser.fftSize,
+    rms,
+  };
+  await context.close();
+  return heard;
+}"""
+
+
+async def test_try_page_plays_the_audio_a_service_publishes(stack: Stack, page: Page) -> None:
+    if TONE not in stack.pongs:
+        await stack.start_pong(TONE, "--tone", str(TONE_HZ))
+    await open_console(page, stack.api.base_url, "try")
+    tone_box = page.get_by_label(TONE)
+    await expect(tone_box).to_be_visible(timeout=UI_TIMEOUT_MS)
+    for box in await page.locator("#try-services input:checked").all():
+        await box.uncheck()
+    await tone_box.check()
+    await page.click("#try-start")
+
+    await expect(page.locator("#try-log")).to_contain_text(
+        f"playing audio from {TONE}", timeout=PONG_TIMEOUT_MS
+    )
+    audio = page.locator(f'audio[data-participant="{TONE}"]')
+    await expect(audio).to_have_count(1)
+    heard = await page.evaluate(LISTEN_TO_AUDIO, TONE)
+    print(f"the page's audio element, listened to for 1 s: {heard}")
+    assert heard["paused"] is False and heard["played"] > 0.5, heard
+    assert heard["rms"] > 0.01, heard  # not silence: the tone is about 0.2
+    bin_hz = 48_000 / 8192  # the analyser's resolution at most sample rates it runs at
+    assert abs(heard["peakHz"] - TONE_HZ) < 2 * bin_hz, heard
+    await expect(page.locator("#try-pong")).to_contain_text(f"pong from {TONE}")
+    await screenshot(page, "try-audio")
+
+    href = await page.locator("#try-session-link").get_attribute("href")
+    assert href is not None
+    await page.click("#try-end")
+    await stack.api.wait_for_status(href.rsplit("/", 1)[1], "Terminated", 10)
+
+
+# ------------------------------------------------------------------------------------- session
+
+
+async def test_a_session_page_ends_its_session_by_keyboard(stack: Stack, page: Page) -> None:
+    body = {"user_identity": "console-end", "required_services": [PONG]}
+    created = await stack.api.ok("POST", "/api/v1/create-session", body)
+    session_id = created["session_id"]
+    await open_console(page, stack.api.base_url, f"sessions/{session_id}")
+    end = page.locator("#end-session")
+    await expect(end).to_be_visible(timeout=UI_TIMEOUT_MS)
+    await end.focus()
+    await page.keyboard.press("Enter")
+
+    view = await stack.api.wait_for_status(session_id, "Terminated", 10)
+    assert view["reason"]
+    await expect(page.locator(".head-actions .badge")).to_have_text(
+        "Terminated", timeout=UI_TIMEOUT_MS
+    )
+    await expect(end).to_have_count(0)
+    reason = page.locator(".fact", has=page.locator("dt", has_text="Reason"))
+    await expect(reason.locator("dd")).to_have_text(view["reason"])
 
 
 # ------------------------------------------------------------------------------------ services

@@ -23,18 +23,14 @@ from livekit.api import LiveKitAPI
 
 from tests.conftest import LiveKitUnderTest
 from tests.e2e.failover_harness import (
-    REGISTRATION_TIMEOUT,
     Api,
     JsonDict,
     Pong,
     Stack,
-    free_port,
     poll,
-    pong_command,
     require_netns,
     running_manager,
 )
-from tests.e2e.processes import REPO_ROOT, Children
 from tests.e2e.test_failover import Timeline, only_slot, pinging, pong_from
 from tests.e2e.test_ping_pong import PONG, Client, connected_client
 from tests.e2e.test_restart import restarts, stop_or_kill
@@ -48,24 +44,6 @@ ACTIVE_TIMEOUT = 10.0
 WATCH = 8.0  # how long a session is watched for a failover that must not come
 STALLS_TIMEOUT = 30.0  # four stalls begun (three whole ones) take about 14 s
 SETTINGS: dict[str, float | int | str] = {"log_level": "DEBUG"}  # defaults otherwise
-
-
-async def start_pong(
-    children: Children, api: Api, service_id: str, *extra: str, name: str | None = None
-) -> Pong:
-    """A pong with `extra` flags; returns once the manager lists it Healthy."""
-    port = free_port()
-    command = pong_command(service_id, port, api.base_url) + list(extra)
-    child = await children.start(name or service_id, command, REPO_ROOT)
-
-    async def status() -> str | None:
-        if not child.running:
-            pytest.fail(f"{service_id} exited with {child.process.returncode}")
-        code, body = await api.call("GET", f"/api/v1/microservices/{service_id}")
-        return str(body["status"]) if code == 200 else None
-
-    await poll(status, lambda s: s == "Healthy", REGISTRATION_TIMEOUT, f"{service_id} Healthy")
-    return Pong(service_id, f"http://127.0.0.1:{port}", child)
 
 
 async def first_pong_after(client: Client, moment: float, other: str, timeline: Timeline) -> None:
@@ -144,10 +122,7 @@ async def test_a_killed_sdk_service_is_replaced_within_seconds(tmp_path: Path) -
 async def test_a_slow_but_alive_service_keeps_its_session(tmp_path: Path) -> None:
     require_netns()
     async with running_manager(tmp_path, **SETTINGS) as stack:
-        slow = await start_pong(
-            stack.children, stack.api, "pong-slow", "--stall-every", "2", "--stall-for", "1.5"
-        )
-        stack.pongs["pong-slow"] = slow
+        slow = await stack.start_pong("pong-slow", "--stall-every", "2", "--stall-for", "1.5")
         created = await stack.api.create_session("slow-user", ["type:PONG"])
         session_id = created["session_id"]
         await stack.start_pong("pong-spare")  # somewhere a failover could go
