@@ -10,6 +10,8 @@ LiveKit client pinging on the data channel. What a user of either process sees:
 - after a kill -9 of the process that owns a session, the other adopts it within about a lease:
   the call goes on, the session reads Active, and the survivor ends it itself;
 - an instance with one place takes one session, whichever processes are asked at once;
+- a service killed while its presence connection is held by one process is moved off it within
+  seconds by the process that owns its session;
 - a Redis restart refuses new sessions meanwhile (503, /health 503), the call goes on, and both
   processes recover by themselves.
 
@@ -54,8 +56,10 @@ from tests.e2e.processes import (
     session_manager_command,
     session_manager_processes,
 )
-from tests.e2e.test_failover import first_disconnect, only_slot
+from tests.e2e.test_failover import Timeline, first_disconnect, only_slot, pong_from
+from tests.e2e.test_failover import pinging as pinging_only
 from tests.e2e.test_ping_pong import connected_client
+from tests.e2e.test_presence_failover import FAILOVER_LIMIT, first_pong_after
 from tests.e2e.test_restart import (
     LIVE,
     LONGEST_SILENCE,
@@ -538,6 +542,55 @@ async def test_a_killed_owner_s_session_is_adopted_by_the_other_process(
         await rooms_without(stack, room)
         for member in (a, b):
             await check_invariants(stack.seen_from(member), answered=[session_id])
+
+
+async def test_a_service_lost_at_one_process_is_moved_by_the_owner_at_the_other(
+    tmp_path: Path,
+    livekit: LiveKitUnderTest,
+    livekit_api: LiveKitAPI,
+    redis_server: RedisUnderTest,
+    redis_prefix: str,
+) -> None:
+    """Two pongs register at A, so A holds their presence connections; a session made on B
+    (B owns it) is served by the first. kill -9 of that pong: A sees the connection drop
+    without a goodbye and says so on the cluster bus, and B moves its session to the other
+    pong within seconds, at the default health settings (which would take 20-30 s): the client
+    hears the other pong, B's view says why the slot moved ("process lost"), and both
+    processes list the dead instance Unhealthy."""
+    async with cluster(tmp_path, livekit, livekit_api, redis_server, redis_prefix) as stack:
+        a, b = stack.a, stack.b
+        first = await stack.start_pong(a, "pong-first")
+        created = await b.api.create_session("presence-user", ["type:PONG"])
+        assert created["status"] == "Ready", created
+        session_id = created["session_id"]
+        assert only_slot(await b.api.session(session_id))["service_id"] == "pong-first"
+        await stack.start_pong(a, "pong-other")
+
+        async with connected_client(created["livekit_url"], created["access_token"]) as client:
+            async with pinging_only(client):
+                await pong_from(client, "pong-first", WAIT)
+                await b.api.wait_for_status(session_id, "Active", ACTIVE_TIMEOUT)
+                timeline = Timeline()
+                killed = time.monotonic()
+                first.child.process.kill()
+                try:
+                    await asyncio.wait_for(
+                        first_pong_after(client, killed, "pong-other", timeline), FAILOVER_LIMIT
+                    )
+                except TimeoutError:
+                    pytest.fail(f"no pong from pong-other within {FAILOVER_LIMIT} s of the kill")
+                finally:
+                    print(f"kill -9 of pong-first (presence at A) -> {timeline.report()}")
+                view = await b.api.wait_for_status(session_id, "Active", ACTIVE_TIMEOUT)
+
+        slot = only_slot(view)
+        assert (slot["service_id"], slot["state"]) == ("pong-other", "joined"), slot
+        failover = slot["failover"]
+        print(f"B's account: {failover}")
+        assert (failover["cause"], failover["from_service_id"]) == ("process lost", "pong-first")
+        for member in (a, b):
+            lost = await member.api.microservice("pong-first")
+            assert (lost["status"], lost["last_error"]) == ("Unhealthy", "process lost"), lost
 
 
 async def test_an_instance_with_one_place_takes_one_session_across_processes(
