@@ -124,6 +124,7 @@ class Options:
     peer: bool
     live: int
     manager_settings: tuple[str, ...]
+    slices: int
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -153,6 +154,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="split the sessions over this many rounds; the path that goes first alternates "
         "(default 4: direct, manager, manager, direct, ...), so bursts of other work on the "
         "machine and livekit-server's growing room count weigh on both paths alike",
+    )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run each round's batch of a path as K slices, the paths taking turns slice by "
+        "slice (default 1: one batch per path and round). livekit-server stalls now and then "
+        "for a second or two (its garbage collector, see the README): with slices, every path "
+        "is measured across the same stretch of the run, so a stall lands on each of them in "
+        "proportion instead of on whichever path happened to be running",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument(
@@ -195,13 +207,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
     for setting in args.manager_setting:
         if "=" not in setting:
             parser.error(f"--manager-setting {setting!r} is not NAME=VALUE")
-    for name in ("sessions", "concurrency", "rounds"):
+    for name in ("sessions", "concurrency", "rounds", "slices"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
-    if args.sessions < args.rounds:
-        parser.error("--sessions must be at least --rounds")
+    if args.sessions < args.rounds * args.slices:
+        parser.error("--sessions must be at least --rounds times --slices")
     return Options(
         sessions=args.sessions,
         concurrency=args.concurrency,
@@ -213,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         peer=args.peer,
         live=args.live,
         manager_settings=tuple(args.manager_setting),
+        slices=args.slices,
     )
 
 
@@ -598,14 +611,17 @@ async def measure(
     pids: Mapping[str, int],
     profiled_pid: int | None = None,
     pause_reading: Callable[[], Awaitable[dict[str, float]]] | None = None,
+    *,
+    warm_up: bool = True,
 ) -> Batch:
-    """One warm-up (not counted) and one measured batch of a path, with fresh room names.
+    """One warm-up (not counted; unless `warm_up` is false) and one measured batch of a path,
+    with fresh room names.
 
     The manager's CPU (and its profile, when `profiled_pid` is given) is counted until it has
     worked off the batch's webhooks, which LiveKit delivers with a lag; the other processes'
     CPU until the last request is answered."""
     tag = uuid.uuid4().hex[:8]
-    if options.warmup:
+    if warm_up and options.warmup:
         warm = await run_closed_loop(make(f"{tag}w"), options.warmup, options.concurrency)
         if warm.errors:
             raise RuntimeError(f"{name} warm-up failed: {warm.first_error}")
@@ -643,6 +659,26 @@ async def measure(
 def round_sizes(total: int, rounds: int) -> list[int]:
     base, extra = divmod(total, rounds)
     return [base + (1 if i < extra else 0) for i in range(rounds)]
+
+
+def joined(slices: list[Batch]) -> Batch:
+    """The slices of one path's round as one batch: their requests, time, CPU and stalls."""
+    whole = Batch(
+        latencies=[latency for piece in slices for latency in piece.latencies],
+        wall=sum(piece.wall for piece in slices),
+        errors=sum(piece.errors for piece in slices),
+        first_error=next((piece.first_error for piece in slices if piece.first_error), None),
+        cpu={name: sum(piece.cpu[name] for piece in slices) for name in slices[0].cpu},
+    )
+    for piece in slices:
+        for kind, summary in piece.pauses.items():
+            total = whole.pauses.setdefault(kind, {})
+            for key, value in summary.items():
+                if key == "worst_le_ms":
+                    total[key] = max(total.get(key, 0.0), value)
+                else:
+                    total[key] = total.get(key, 0.0) + value
+    return whole
 
 
 async def benchmark(options: Options) -> dict[str, Any]:
@@ -714,18 +750,30 @@ async def benchmark(options: Options) -> dict[str, Any]:
             for number, count in enumerate(round_sizes(options.sessions, options.rounds)):
                 # The path that goes first rotates from round to round.
                 order = names[number % len(names) :] + names[: number % len(names)]
+                pieces: dict[str, list[Batch]] = {name: [] for name in order}
+                for piece, part in enumerate(round_sizes(count, options.slices)):
+                    for name in order:
+                        profiling = name == "manager" and options.manager_profile is not None
+                        profiled = manager_process.pid if profiling else None
+                        reading = (
+                            (lambda: manager_pauses(http["manager"], manager_url))
+                            if name == "manager"
+                            else None
+                        )
+                        pieces[name].append(
+                            await measure(
+                                name,
+                                paths[name],
+                                options,
+                                part,
+                                pids,
+                                profiled,
+                                reading,
+                                warm_up=piece == 0,
+                            )
+                        )
                 for name in order:
-                    profiling = name == "manager" and options.manager_profile is not None
-                    profiled = manager_process.pid if profiling else None
-                    reading = (
-                        (lambda: manager_pauses(http["manager"], manager_url))
-                        if name == "manager"
-                        else None
-                    )
-                    batch = await measure(
-                        name, paths[name], options, count, pids, profiled, reading
-                    )
-                    batches[name].append(batch)
+                    batches[name].append(joined(pieces[name]))
     stats = {name: summarize(name, batches[name], options.concurrency) for name in names}
     manager, direct = stats["manager"], stats["direct"]
     report: dict[str, Any] = {
@@ -734,6 +782,7 @@ async def benchmark(options: Options) -> dict[str, Any]:
         "concurrency": options.concurrency,
         "warmup": options.warmup,
         "rounds": options.rounds,
+        "slices": options.slices,
         "live": options.live,
         "prefill_seconds": round(prefill_seconds, 1),
         "manager_settings": settings,
@@ -786,7 +835,13 @@ def render_table(report: dict[str, Any]) -> str:
         f"aiohttp {machine['aiohttp']}, manager at {machine['manager_revision']}, "
         f"load average before {machine['load_avg_1min_before']}",
         f"run:     {report['sessions']} sessions per path in {report['rounds']} round(s), "
-        f"first path rotating; warm-up {report['warmup']} per batch, not counted"
+        f"first path rotating"
+        + (
+            f", each path's round in {report['slices']} slices taking turns"
+            if report["slices"] > 1
+            else ""
+        )
+        + f"; warm-up {report['warmup']} per path and round, not counted"
         + ("; manager under cProfile (slower)" if report["manager_profiled"] else ""),
     ]
     if report["live"]:
