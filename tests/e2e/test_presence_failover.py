@@ -59,6 +59,21 @@ async def first_pong_after(client: Client, moment: float, other: str, timeline: 
             return
 
 
+async def kill_and_hear_the_replacement(client: Client, killed: Pong, other: str) -> float:
+    """kill -9 of `killed`; fails unless the client hears `other` within FAILOVER_LIMIT.
+    Returns the seconds from the kill to that pong."""
+    timeline = Timeline()
+    moment = time.monotonic()
+    killed.child.process.kill()
+    try:
+        await asyncio.wait_for(first_pong_after(client, moment, other, timeline), FAILOVER_LIMIT)
+    except TimeoutError:
+        pytest.fail(f"no pong from {other} within {FAILOVER_LIMIT} s of the kill")
+    finally:
+        print(f"kill -9 of {killed.service_id} -> {timeline.report()}")
+    return time.monotonic() - moment
+
+
 async def served_call(stack: Stack, first_id: str, other_id: str) -> JsonDict:
     """`first_id` serves a new session of type PONG (it is the only instance when the session
     is made); then `other_id` is started beside it. Returns the create answer."""
@@ -90,18 +105,9 @@ async def test_a_killed_sdk_service_is_replaced_within_seconds(tmp_path: Path) -
                 await pong_from(client, "pong-a", PONG_TIMEOUT)
                 await stack.api.wait_for_status(session_id, "Active", ACTIVE_TIMEOUT)
 
-                timeline = Timeline()
-                killed = time.monotonic()
-                stack.pongs["pong-a"].child.process.kill()
-                try:
-                    await asyncio.wait_for(
-                        first_pong_after(client, killed, "pong-b", timeline), FAILOVER_LIMIT
-                    )
-                except TimeoutError:
-                    pytest.fail(f"no pong from pong-b within {FAILOVER_LIMIT} s of the kill")
-                finally:
-                    print(f"SIGKILL of pong-a -> {timeline.report()}")
-                heard_after = time.monotonic() - killed
+                heard_after = await kill_and_hear_the_replacement(
+                    client, stack.pongs["pong-a"], "pong-b"
+                )
                 print(f"pong from the replacement {heard_after:.2f} s after kill -9")
                 view = await stack.api.wait_for_status(session_id, "Active", ACTIVE_TIMEOUT)
 
