@@ -125,6 +125,7 @@ class Options:
     live: int
     manager_settings: tuple[str, ...]
     slices: int
+    together: bool
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -165,6 +166,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "for a second or two (its garbage collector, see the README): with slices, every path "
         "is measured across the same stretch of the run, so a stall lands on each of them in "
         "proportion instead of on whichever path happened to be running",
+    )
+    parser.add_argument(
+        "--together",
+        action="store_true",
+        help="run the paths at the same time, each with --concurrency requests in flight, "
+        "instead of one after another: a LiveKit stall then lands on every path at once",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument(
@@ -212,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
             parser.error(f"--{name} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must not be negative")
+    if args.together and (args.slices > 1 or args.manager_profile):
+        parser.error("--together runs whole rounds at once: no --slices or --manager-profile")
     if args.sessions < args.rounds * args.slices:
         parser.error("--sessions must be at least --rounds times --slices")
     return Options(
@@ -226,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         live=args.live,
         manager_settings=tuple(args.manager_setting),
         slices=args.slices,
+        together=args.together,
     )
 
 
@@ -639,21 +649,71 @@ async def measure(
         os.kill(profiled_pid, signal.SIGUSR2)
     batch.cpu = {process: after[process] - before[process] for process in pids}
     if pause_reading:
-        after_pauses = await pause_reading()
-        delta = {k: v - pauses_before.get(k, 0.0) for k, v in after_pauses.items()}
-        batch.pauses = {
-            "gc": pause_summary(delta, "gc", GC_STALL),
-            "lag": pause_summary(delta, "lag", LOOP_STALL),
-            "write": pause_summary(delta, "write", WRITE_STALL),
-            "create_room": pause_summary(delta, "create_room", LIVEKIT_STALL),
-            "list_rooms": pause_summary(delta, "list_rooms", LIVEKIT_STALL),
-            "livekit_calls": {
-                key.removeprefix("calls:"): count
-                for key, count in sorted(delta.items())
-                if key.startswith("calls:") and count
-            },
-        }
+        batch.pauses = stalls_between(pauses_before, await pause_reading())
     return batch
+
+
+def stalls_between(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
+    """What the manager's stall histograms gained between two readings (`manager_pauses`)."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return {
+        "gc": pause_summary(delta, "gc", GC_STALL),
+        "lag": pause_summary(delta, "lag", LOOP_STALL),
+        "write": pause_summary(delta, "write", WRITE_STALL),
+        "create_room": pause_summary(delta, "create_room", LIVEKIT_STALL),
+        "list_rooms": pause_summary(delta, "list_rooms", LIVEKIT_STALL),
+        "livekit_calls": {
+            key.removeprefix("calls:"): count
+            for key, count in sorted(delta.items())
+            if key.startswith("calls:") and count
+        },
+    }
+
+
+async def measure_together(
+    makers: Mapping[str, Callable[[str], Operation]],
+    options: Options,
+    count: int,
+    pids: Mapping[str, int],
+    pause_reading: Callable[[], Awaitable[dict[str, float]]],
+) -> dict[str, Batch]:
+    """One warm-up and one measured batch of every path at once, each path with its own
+    `concurrency` requests in flight: whatever stalls LiveKit stalls them all alike.
+
+    CPU: a path's own server process (manager, peer) is its own; what the paths share (the
+    client, LiveKit) is split evenly between them."""
+    tag = uuid.uuid4().hex[:8]
+    if options.warmup:
+        warm = await asyncio.gather(
+            *(
+                run_closed_loop(make(f"{tag}w"), options.warmup, options.concurrency)
+                for make in makers.values()
+            )
+        )
+        if failed := next((batch for batch in warm if batch.errors), None):
+            raise RuntimeError(f"warm-up failed: {failed.first_error}")
+    await wait_until_idle(pids["manager"])
+    pauses_before = await pause_reading()
+    before = cpu_snapshot(pids)
+    measured = await asyncio.gather(
+        *(run_closed_loop(make(tag), count, options.concurrency) for make in makers.values())
+    )
+    after = cpu_snapshot(pids)
+    await wait_until_idle(pids["manager"])
+    after["manager"] = cpu_seconds(pids["manager"])
+    used = {process: after[process] - before[process] for process in pids}
+    stalls = stalls_between(pauses_before, await pause_reading())
+    batches = dict(zip(makers, measured, strict=True))
+
+    def share(process: str, path: str, seconds: float) -> float:
+        if process in makers:  # a path's own server
+            return seconds if process == path else 0.0
+        return seconds / len(makers)
+
+    for name, batch in batches.items():
+        batch.cpu = {process: share(process, name, seconds) for process, seconds in used.items()}
+        batch.pauses = stalls if name == "manager" else {}
+    return batches
 
 
 def round_sizes(total: int, rounds: int) -> list[int]:
@@ -750,6 +810,17 @@ async def benchmark(options: Options) -> dict[str, Any]:
             for number, count in enumerate(round_sizes(options.sessions, options.rounds)):
                 # The path that goes first rotates from round to round.
                 order = names[number % len(names) :] + names[: number % len(names)]
+                if options.together:
+                    together = await measure_together(
+                        {name: paths[name] for name in order},
+                        options,
+                        count,
+                        pids,
+                        lambda: manager_pauses(http["manager"], manager_url),
+                    )
+                    for name in order:
+                        batches[name].append(together[name])
+                    continue
                 pieces: dict[str, list[Batch]] = {name: [] for name in order}
                 for piece, part in enumerate(round_sizes(count, options.slices)):
                     for name in order:
@@ -783,6 +854,7 @@ async def benchmark(options: Options) -> dict[str, Any]:
         "warmup": options.warmup,
         "rounds": options.rounds,
         "slices": options.slices,
+        "together": options.together,
         "live": options.live,
         "prefill_seconds": round(prefill_seconds, 1),
         "manager_settings": settings,
@@ -839,6 +911,11 @@ def render_table(report: dict[str, Any]) -> str:
         + (
             f", each path's round in {report['slices']} slices taking turns"
             if report["slices"] > 1
+            else ""
+        )
+        + (
+            ", the paths at the same time (shared CPU split evenly between them)"
+            if report["together"]
             else ""
         )
         + f"; warm-up {report['warmup']} per path and round, not counted"
