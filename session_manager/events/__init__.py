@@ -29,12 +29,12 @@ from session_manager.events.log import (
     DEFAULT_HISTORY,
     EventListener,
     EventLog,
-    EventPage,
     EventSink,
 )
 from session_manager.events.model import (
     EVENT_TYPE_NAMES,
     Event,
+    EventPage,
     EventType,
     MissedEvents,
     MissedReason,

@@ -30,6 +30,7 @@ from typing import Protocol
 from session_manager.clock import now_rfc3339
 from session_manager.events.model import (
     Event,
+    EventPage,
     EventType,
     JsonDict,
     MissedEvents,
@@ -55,19 +56,6 @@ class EventSink(Protocol):
         """The highest id an event may have been given by now, in any process: a reader
         resuming from an id above this log's newest but not above this one (another replica
         had it first) waits for the events after it instead of being told it is unknown."""
-
-
-@dataclass(frozen=True, slots=True)
-class EventPage:
-    """What `since` found: the matching events, where to continue, and what was lost."""
-
-    events: list[Event]
-    next_id: int  # pass as `after_id` next time: every id up to it has been looked at
-    missed: MissedEvents | None = None
-
-    @property
-    def gap(self) -> bool:
-        return self.missed is not None
 
 
 @dataclass(slots=True)

@@ -192,3 +192,17 @@ class MissedEvents:
             session_id=session_id,
             data=self.to_data(),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """What a read of the log found: the matching events, where to continue, and what was
+    lost."""
+
+    events: list[Event]
+    next_id: int  # pass as `after_id` next time: every id up to it has been looked at
+    missed: MissedEvents | None = None
+
+    @property
+    def gap(self) -> bool:
+        return self.missed is not None

@@ -10,15 +10,28 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from session_manager.clock import now_rfc3339
-from session_manager.events.model import Event
-
-if TYPE_CHECKING:
-    from session_manager.events.log import EventLog
+from session_manager.events.model import Event, EventPage
 
 DEFAULT_BATCH = 256
+
+
+class History(Protocol):
+    """What a subscription reads from and leaves: the event log, seen from its readers (a
+    protocol, so the log can import this module and not the other way round)."""
+
+    def read(
+        self,
+        after_id: int,
+        *,
+        session_id: str | None,
+        types: frozenset[str] | None,
+        limit: int | None,
+    ) -> EventPage: ...
+
+    def unsubscribe(self, subscription: Subscription) -> None: ...
 
 
 class Subscription:
@@ -29,7 +42,7 @@ class Subscription:
 
     def __init__(
         self,
-        log: EventLog,
+        log: History,
         *,
         session_id: str | None,
         types: frozenset[str] | None,
