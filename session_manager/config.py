@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from session_manager.api.auth import RateLimit, parse_api_keys
+from session_manager.api_keys import RateLimit, parse_api_keys
 from session_manager.egress import DEFAULT_ENDPOINT_ALLOW, EndpointAllow
 from session_manager.pools import WarmPoolSetting, check_pools
 

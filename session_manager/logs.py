@@ -120,3 +120,12 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     noisy_level = logging.DEBUG if LEVELS[level] <= TRACE else logging.WARNING
     for name in ("aiohttp.access", "livekit", "asyncio"):
         logging.getLogger(name).setLevel(noisy_level)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: text` of an exception on one line, for logs; never raises."""
+    try:
+        text = " ".join(str(exc).split())
+    except Exception:
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from session_manager.store.base import describe
+from session_manager.logs import describe
 
 
 class RedisUrl:

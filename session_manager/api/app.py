@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from session_manager.api.auth import KeyTable, RateLimit, RateLimiter, access_of, auth_middleware
+from session_manager.api.auth import KeyTable, RateLimiter, access_of, auth_middleware
 from session_manager.api.console import add_console_routes
 from session_manager.api.cors import CorsPolicy
 from session_manager.api.docs import add_docs_routes
 from session_manager.api.errors import error_middleware
 from session_manager.api.metrics import http_metrics, watch
 from session_manager.api.routes import DAEMON, routes
+from session_manager.api_keys import RateLimit
 from session_manager.commands import GetSession
 from session_manager.config import Settings
 from session_manager.daemon import Daemon

@@ -53,8 +53,8 @@ from session_manager.errors import StartupFailed
 from session_manager.events.log import DEFAULT_HISTORY, EventListener, EventLog
 from session_manager.events.model import Event
 from session_manager.health_board import STORE, HealthBoard
+from session_manager.logs import describe
 from session_manager.redis_connection import RedisUrl
-from session_manager.store.base import describe
 from session_manager.supervision import cancel_and_wait, watch
 
 log = logging.getLogger(__name__)

@@ -13,15 +13,6 @@ JsonDict = dict[str, Any]
 SessionCursor = tuple[str, str]  # (created_at, session_id) of the last session already listed
 
 
-def describe(exc: BaseException) -> str:
-    """`Type: text` of an exception on one line, for logs; never raises."""
-    try:
-        text = " ".join(str(exc).split())
-    except Exception:
-        text = ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def listed_before(view: JsonDict, cursor: SessionCursor | None) -> bool:
     return cursor is None or (view["created_at"], view["session_id"]) < cursor
 

@@ -45,8 +45,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_manager.errors import StartupFailed, StoreUnavailable
 from session_manager.health_board import HealthBoard
+from session_manager.logs import describe
 from session_manager.redis_connection import RedisUrl
-from session_manager.store.base import JsonDict, SessionCursor, describe, matches
+from session_manager.store.base import JsonDict, SessionCursor, matches
 from session_manager.store.write_behind import SessionWriteBehind, WriteObserver
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ import orjson
 
 from session_manager.errors import StartupFailed, StoreUnavailable
 from session_manager.health_board import HealthBoard
-from session_manager.store.base import JsonDict, SessionCursor, describe
+from session_manager.logs import describe
+from session_manager.store.base import JsonDict, SessionCursor
 from session_manager.store.sqlite_checkpoints import BACKSTOP_PAGES, WalCheckpointer
 from session_manager.store.write_behind import SessionWriteBehind, WriteObserver
 

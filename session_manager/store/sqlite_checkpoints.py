@@ -19,8 +19,8 @@ import sqlite3
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from session_manager.logs import describe
 from session_manager.periodic import Periodic
-from session_manager.store.base import describe
 
 log = logging.getLogger(__name__)
 

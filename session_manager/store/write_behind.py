@@ -26,8 +26,9 @@ from contextlib import suppress
 
 from session_manager.errors import StoreUnavailable
 from session_manager.health_board import STORE, HealthBoard
+from session_manager.logs import describe
 from session_manager.observers import report
-from session_manager.store.base import JsonDict, SessionCursor, describe, listed_before, matches
+from session_manager.store.base import JsonDict, SessionCursor, listed_before, matches
 from session_manager.supervision import cancel_and_wait, watch
 
 BATCH_WINDOW = 0.02  # seconds the writer waits after a wake-up for more views to arrive

@@ -22,16 +22,14 @@ from aiohttp.test_utils import TestClient
 from session_manager import cli
 from session_manager.api import auth
 from session_manager.api.app import create_app
-from session_manager.api.auth import (
-    OPEN_CALLER,
-    ROUTE_SCOPES,
+from session_manager.api.auth import OPEN_CALLER, ROUTE_SCOPES, KeyTable, rule_for
+from session_manager.api_keys import (
+    MAX_API_KEYS,
     ApiKeyError,
-    KeyTable,
     Scope,
     key_id_of,
     parse_api_key,
     parse_api_keys,
-    rule_for,
 )
 from session_manager.commands import (
     Access,
@@ -165,8 +163,8 @@ def test_a_malformed_entry_is_refused_without_showing_the_key(entry: str, mentio
 def test_a_key_listed_twice_and_too_many_keys_are_refused() -> None:
     with pytest.raises(ApiKeyError, match="entry 2: the same key is listed twice"):
         parse_api_keys([f"{CLIENT_KEY} client", f"{CLIENT_KEY} admin"])
-    too_many = [f"key-number-{n:08d}-xxxx client" for n in range(auth.MAX_API_KEYS + 1)]
-    with pytest.raises(ApiKeyError, match=f"at most {auth.MAX_API_KEYS}"):
+    too_many = [f"key-number-{n:08d}-xxxx client" for n in range(MAX_API_KEYS + 1)]
+    with pytest.raises(ApiKeyError, match=f"at most {MAX_API_KEYS}"):
         parse_api_keys(too_many)
 
 

@@ -19,8 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from session_manager.api.app import create_app
-from session_manager.api.auth import RateLimit, RateLimiter
+from session_manager.api.auth import RateLimiter
 from session_manager.api.errors import error_middleware
+from session_manager.api_keys import RateLimit
 from session_manager.commands import DeleteSession, RegisterService
 from session_manager.config import Settings
 from session_manager.errors import AtCapacity, ManagerError, TooManyRequests
