@@ -1,5 +1,7 @@
 """Pong microservice: in every session it joins, answers each b"ping" data packet with b"pong",
-sent reliably to the sender (to the room while LiveKit has not yet announced the sender).
+sent reliably to the sender (to the room while LiveKit has not yet announced the sender). It
+logs how loud the first seconds of each participant's audio were ("heard audio"), and with
+--tone sounds a sine of its own.
 Written with session_manager.sdk alone.
 
 Run from the repository root with `python -m examples.pong` or `python examples/pong/pong.py`.
@@ -69,6 +71,30 @@ async def play_tone(room: rtc.Room, hz: int) -> None:
         await source.aclose()
 
 
+HEAR_SECONDS = 2.0  # how much of each participant's audio pong listens to before it says
+
+
+async def hear(track: rtc.Track, identity: str) -> None:
+    """Listen to the first HEAR_SECONDS of a participant's audio track and log how loud it was
+    (RMS, 0 to 1): what shows that a browser's microphone reaches a service."""
+    stream = rtc.AudioStream(track, sample_rate=SAMPLE_RATE, num_channels=1)
+    squares, samples = 0, 0
+    try:
+        async for event in stream:
+            values = array("h", bytes(event.frame.data))
+            squares += sum(value * value for value in values)
+            samples += len(values)
+            if samples >= SAMPLE_RATE * HEAR_SECONDS:
+                break
+    finally:
+        await stream.aclose()
+    rms = math.sqrt(squares / samples) / 32768 if samples else 0.0
+    logger.info(
+        "heard audio",
+        extra={"participant": identity, "seconds": samples / SAMPLE_RATE, "rms": round(rms, 4)},
+    )
+
+
 class PongHandler(SessionHandler):
     def __init__(self, tone_hz: int | None = None) -> None:
         self.tone_hz = tone_hz
@@ -79,8 +105,21 @@ class PongHandler(SessionHandler):
         packets: asyncio.Queue[rtc.DataPacket] = asyncio.Queue()
         enqueue = packets.put_nowait
         session.room.on("data_received", enqueue)
-        # The tone, when asked for, is this session's own task: cancelled and awaited with it.
-        tone = asyncio.create_task(play_tone(session.room, self.tone_hz)) if self.tone_hz else None
+        # The tone, when asked for, and the listening to each audio track are this session's own
+        # tasks: cancelled and awaited with it.
+        tasks: set[asyncio.Task[None]] = set()
+        if self.tone_hz:
+            tasks.add(asyncio.create_task(play_tone(session.room, self.tone_hz)))
+
+        def on_track(
+            track: rtc.Track, _publication: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant
+        ) -> None:
+            if track.kind == rtc.TrackKind.KIND_AUDIO:
+                listening = asyncio.create_task(hear(track, who.identity))
+                tasks.add(listening)
+                listening.add_done_callback(tasks.discard)
+
+        session.room.on("track_subscribed", on_track)
         logger.info("pong ready", extra={"session_id": session.session_id})
         try:
             while True:
@@ -88,9 +127,10 @@ class PongHandler(SessionHandler):
                 await self.answer(session.room, packet)
         finally:
             session.room.off("data_received", enqueue)
-            if tone is not None:
-                tone.cancel()
-                await asyncio.gather(tone, return_exceptions=True)
+            session.room.off("track_subscribed", on_track)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def answer(self, room: rtc.Room, packet: rtc.DataPacket) -> bool:
         """Reply b"pong" to the sender of a b"ping" packet; True when a reply was sent."""

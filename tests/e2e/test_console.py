@@ -28,6 +28,7 @@ from session_manager.api.app import create_app
 from tests.e2e.failover_harness import Stack, free_port, running_manager
 from tests.e2e.processes import REPO_ROOT
 from tests.e2e.test_ping_pong import connected_client
+from tests.polling import eventually
 from tests.unit.test_auth import ADMIN_KEY, CLIENT_KEY, KEY_ENTRIES, settings_for
 
 pytestmark = [
@@ -61,6 +62,7 @@ EXPECTED_ERROR = re.compile(
 )
 DURATION = re.compile(r"^\d+(\.\d+)? (ms|s)$")  # "850 ms", "1.25 s"
 PONG_TIMEOUT_MS = 40_000
+HEARD_WITHIN = 15.0  # s: pong listens to 2 s of a participant's audio, then logs it
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -217,6 +219,13 @@ async def test_try_page_creates_a_session_with_pong_joins_pings_and_shows_pong(
     view = await stack.api.session(session_id)
     assert view["services"][0]["service_id"] == PONG
     assert view["client"]["joined"] is True
+    # The microphone (chromium's fake device, which beeps) reached the service: pong heard it.
+    heard = re.compile(rf"heard audio participant='{re.escape(view['user_identity'])}' rms=(\S+)")
+    pong_log = stack.pongs[PONG].child.log_text
+    await eventually(lambda: heard.search(pong_log()) is not None, timeout=HEARD_WITHIN)
+    loudness = heard.search(pong_log())
+    assert loudness is not None and float(loudness[1]) > 0, loudness
+    print(f"pong heard the browser's microphone: rms {loudness[1]}")
     await screenshot(page, "try")
     await page.set_viewport_size({"width": 640, "height": 860})
     await assert_no_sideways_scroll(page)
