@@ -17,7 +17,8 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from livekit import rtc
 
@@ -108,16 +109,25 @@ class PongHandler(SessionHandler):
         # The tone, when asked for, and the listening to each audio track are this session's own
         # tasks: cancelled and awaited with it.
         tasks: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                logger.warning("audio task failed", extra={"task": task.get_name(), "error": error})
+
+        def start(name: str, work: Coroutine[Any, Any, None]) -> None:
+            task = asyncio.create_task(work, name=name)
+            tasks.add(task)
+            task.add_done_callback(finished)
+
         if self.tone_hz:
-            tasks.add(asyncio.create_task(play_tone(session.room, self.tone_hz)))
+            start("tone", play_tone(session.room, self.tone_hz))
 
         def on_track(
             track: rtc.Track, _publication: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant
         ) -> None:
             if track.kind == rtc.TrackKind.KIND_AUDIO:
-                listening = asyncio.create_task(hear(track, who.identity))
-                tasks.add(listening)
-                listening.add_done_callback(tasks.discard)
+                start(f"hear {who.identity}", hear(track, who.identity))
 
         session.room.on("track_subscribed", on_track)
         logger.info("pong ready", extra={"session_id": session.session_id})
@@ -128,9 +138,10 @@ class PongHandler(SessionHandler):
         finally:
             session.room.off("data_received", enqueue)
             session.room.off("track_subscribed", on_track)
-            for task in tasks:
+            running = list(tasks)
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def answer(self, room: rtc.Room, packet: rtc.DataPacket) -> bool:
         """Reply b"pong" to the sender of a b"ping" packet; True when a reply was sent."""
