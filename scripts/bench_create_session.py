@@ -807,6 +807,10 @@ async def benchmark(options: Options) -> dict[str, Any]:
             }
             if options.live:
                 prefill_seconds = await prefill(paths["manager"](f"live-{run_id}"), options.live)
+
+            def read_manager() -> Awaitable[dict[str, float]]:
+                return manager_pauses(http["manager"], manager_url)
+
             for number, count in enumerate(round_sizes(options.sessions, options.rounds)):
                 # The path that goes first rotates from round to round.
                 order = names[number % len(names) :] + names[: number % len(names)]
@@ -816,7 +820,7 @@ async def benchmark(options: Options) -> dict[str, Any]:
                         options,
                         count,
                         pids,
-                        lambda: manager_pauses(http["manager"], manager_url),
+                        read_manager,
                     )
                     for name in order:
                         batches[name].append(together[name])
@@ -826,11 +830,7 @@ async def benchmark(options: Options) -> dict[str, Any]:
                     for name in order:
                         profiling = name == "manager" and options.manager_profile is not None
                         profiled = manager_process.pid if profiling else None
-                        reading = (
-                            (lambda: manager_pauses(http["manager"], manager_url))
-                            if name == "manager"
-                            else None
-                        )
+                        reading = read_manager if name == "manager" else None
                         pieces[name].append(
                             await measure(
                                 name,
